@@ -1,21 +1,37 @@
 """Volume I/O with SimpleITK that keeps the geometry.
 
 Arrays are numpy ``[slices, H, W]`` (SimpleITK's z, y, x). Geometry is kept in SimpleITK's own
-axis order (x, y, z) = (W, H, slices), so ``spacing[2]`` is the slice thickness.
-Any file SimpleITK reads is accepted (NIfTI, MHA/MHD, NRRD, ...), and a folder is read as a
-DICOM series. Writes go to a temporary name beside the target and are then renamed, so a
-reader never sees a half-written file.
+axis order (x, y, z) = (W, H, slices), so ``spacing[2]`` is the slice thickness; ``direction``
+holds the axis directions as the *columns* of a row-major 3x3 matrix, in LPS coordinates.
+
+Any file SimpleITK reads is accepted (NIfTI-1 ``.nii``/``.nii.gz``, MHA/MHD, NRRD, a single
+DICOM file), and a folder is read as one DICOM series. :func:`write_volume` writes the file
+formats, :func:`write_dicom_series` a DICOM series folder. A write followed by a read gives back
+the same array, dtype and geometry (to float32 precision for NIfTI, whose header stores float32;
+to 10 significant digits for DICOM, whose header stores decimal strings).
+
+Writes go to a temporary name beside the target and are then renamed, so a reader never sees a
+half-written file.
 """
 
 from __future__ import annotations
 
+import gzip
 import os
+import shutil
+import struct
 import uuid
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+
+# DICOM stores pixels as integers; these are the types GDCM writes and reads back unchanged.
+DICOM_DTYPES = ("uint8", "int8", "uint16", "int16", "uint32", "int32")
+# NIfTI-1 datatype codes of float32 and float64 voxels.
+NIFTI_FLOAT_TYPES = {16: "f4", 64: "f8"}
 
 
 @dataclass(frozen=True)
@@ -62,7 +78,7 @@ def read_volume(path: str | os.PathLike) -> tuple[np.ndarray, Geometry]:
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        ValueError: SimpleITK cannot read it, or it is not 3D.
+        ValueError: SimpleITK cannot read it, it is truncated, or it is not a scalar 3D volume.
     """
     path = Path(path)
     if not path.exists():
@@ -70,38 +86,132 @@ def read_volume(path: str | os.PathLike) -> tuple[np.ndarray, Geometry]:
     try:
         image = _read_dicom_series(path) if path.is_dir() else sitk.ReadImage(str(path))
     except RuntimeError as error:
-        raise ValueError(f"{path}: SimpleITK cannot read it ({_first_line(error)})") from error
+        raise ValueError(f"{path}: SimpleITK cannot read it: {_reason(error)}") from error
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
         raise ValueError(
             f"{path}: expected a scalar 3D volume, got {image.GetDimension()}D with "
             f"{image.GetNumberOfComponentsPerPixel()} component(s) per voxel"
         )
-    return sitk.GetArrayFromImage(image), Geometry.of(image)
+    array = sitk.GetArrayFromImage(image)
+    if path.name.lower().endswith((".nii", ".nii.gz")):
+        array = _nifti_as_written(path, array)
+    return array, Geometry.of(image)
 
 
 def write_volume(path: str | os.PathLike, array: np.ndarray, geometry: Geometry) -> Path:
-    """Write ``array`` ``[S, H, W]`` with ``geometry``; atomic (temporary name, then rename).
+    """Write ``array`` ``[S, H, W]`` with ``geometry`` to one file; atomic.
 
-    The format follows the file name's extension (``.nii.gz``, ``.nii``, ``.mha``, ``.nrrd``...).
+    The format follows the file name's extension (``.nii.gz``, ``.nii``, ``.mha``, ``.mhd``,
+    ``.nrrd``). For a DICOM series use :func:`write_dicom_series`.
+
+    Raises:
+        ValueError: ``array`` is not 3D, or SimpleITK cannot write this extension or dtype.
     """
     path = Path(path)
+    image = _image_from_array(path, array, geometry)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # A temporary folder beside the target keeps the final file name, from which SimpleITK picks
+    # the writer, and holds MHD's second (.zraw) file, which the header names.
+    staging = path.with_name(f".tmp-{uuid.uuid4().hex[:8]}-{path.name}")
+    staging.mkdir()
+    try:
+        try:
+            sitk.WriteImage(image, str(staging / path.name), useCompression=True)
+        except RuntimeError as error:
+            raise ValueError(f"{path}: SimpleITK cannot write it: {_reason(error)}") from error
+        # The header goes last so that it never names data that is not there yet.
+        written = sorted(staging.iterdir(), key=lambda file: file.name == path.name)
+        for file in written:
+            os.replace(file, path.with_name(file.name))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return path
+
+
+def write_dicom_series(
+    folder: str | os.PathLike,
+    array: np.ndarray,
+    geometry: Geometry,
+    *,
+    modality: str = "MR",
+    series_description: str = "bmlseg",
+) -> Path:
+    """Write ``array`` ``[S, H, W]`` as a DICOM series, one file per slice, into ``folder``.
+
+    Each slice carries ImagePositionPatient, ImageOrientationPatient, PixelSpacing,
+    SliceThickness and SpacingBetweenSlices, so :func:`read_volume` on the folder restores the
+    geometry. The series is written to a temporary folder that then replaces ``folder``.
+
+    Raises:
+        ValueError: ``array`` is not 3D, its dtype is not one of :data:`DICOM_DTYPES`, or the
+            direction is left-handed (DICOM derives the slice axis as row x column direction).
+    """
+    folder = Path(folder)
+    if array.dtype.name not in DICOM_DTYPES:
+        raise ValueError(
+            f"{folder}: DICOM stores integer pixels ({', '.join(DICOM_DTYPES)}), got "
+            f"{array.dtype}; scale and cast the array first"
+        )
+    direction = np.asarray(geometry.direction, dtype=float).reshape(3, 3)
+    if np.linalg.det(direction) <= 0:
+        raise ValueError(
+            f"{folder}: direction {geometry.direction} is left-handed; DICOM cannot store it "
+            "(reverse the slice axis and negate its direction column)"
+        )
+    image = _image_from_array(folder, array, geometry)
+    series_uid, study_uid = _dicom_uid(), _dicom_uid()
+    shared_tags = {
+        "0008|0060": modality,
+        "0008|103e": series_description,
+        "0020|000d": study_uid,
+        "0020|000e": series_uid,
+        "0020|0037": "\\".join(_decimal_string(v) for v in (*direction[:, 0], *direction[:, 1])),
+        "0018|0050": _decimal_string(geometry.spacing[2]),  # SliceThickness
+        "0018|0088": _decimal_string(geometry.spacing[2]),  # SpacingBetweenSlices
+    }
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = folder.with_name(f".tmp-{uuid.uuid4().hex[:8]}-{folder.name}")
+    staging.mkdir()
+    writer = sitk.ImageFileWriter()
+    # Keep the UIDs set below: otherwise every slice gets a new series UID.
+    writer.KeepOriginalImageUIDOn()
+    try:
+        for index in range(array.shape[0]):
+            slice_image = image[:, :, index]
+            for tag, value in shared_tags.items():
+                slice_image.SetMetaData(tag, value)
+            position = image.TransformIndexToPhysicalPoint((0, 0, index))
+            slice_image.SetMetaData("0020|0032", "\\".join(map(_decimal_string, position)))
+            slice_image.SetMetaData("0020|0013", str(index + 1))  # InstanceNumber
+            slice_image.SetMetaData("0008|0018", _dicom_uid())  # SOPInstanceUID
+            writer.SetFileName(str(staging / f"{index:05d}.dcm"))
+            writer.Execute(slice_image)
+        _replace_folder(staging, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+def _image_from_array(path: Path, array: np.ndarray, geometry: Geometry) -> sitk.Image:
     if array.ndim != 3:
         raise ValueError(f"{path}: expected a 3D array [S, H, W], got shape {array.shape}")
-    image = sitk.GetImageFromArray(np.ascontiguousarray(array))
-    geometry.apply_to(image)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Keep the extension on the temporary name: SimpleITK picks the writer from it.
-    # MHD writes a second (.raw/.zraw) file, so it is written in place.
-    if path.suffix.lower() == ".mhd":
-        sitk.WriteImage(image, str(path), useCompression=True)
-        return path
-    temporary = path.with_name(f".tmp-{uuid.uuid4().hex[:8]}-{path.name}")
     try:
-        sitk.WriteImage(image, str(temporary), useCompression=True)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-    return path
+        image = sitk.GetImageFromArray(np.ascontiguousarray(array))
+    except TypeError as error:
+        raise ValueError(f"{path}: SimpleITK cannot store dtype {array.dtype}") from error
+    geometry.apply_to(image)
+    return image
+
+
+def _replace_folder(new: Path, target: Path) -> None:
+    """Put folder ``new`` at ``target``, removing whatever ``target`` held."""
+    if target.exists():
+        retired = target.with_name(f".old-{uuid.uuid4().hex[:8]}-{target.name}")
+        os.replace(target, retired)
+        os.replace(new, target)
+        shutil.rmtree(retired)
+    else:
+        os.replace(new, target)
 
 
 def _read_dicom_series(folder: Path) -> sitk.Image:
@@ -115,6 +225,67 @@ def _read_dicom_series(folder: Path) -> sitk.Image:
     return reader.Execute()
 
 
-def _first_line(error: Exception) -> str:
+def _nifti_as_written(path: Path, array: np.ndarray) -> np.ndarray:
+    """Check a NIfTI-1 file's length and put back the NaN and infinite voxels ITK zeroes.
+
+    ITK 5's NIfTI reader fills the missing voxels of a truncated file with zeros, and replaces
+    every NaN and +-inf by 0 (fixed in ITK 6: InsightSoftwareConsortium/ITK#6683). This reads the
+    file a second time, decompressing a ``.nii.gz`` again.
+    """
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    try:
+        with opener(path, "rb") as handle:
+            content = handle.read()
+    except (EOFError, OSError, zlib.error) as error:
+        raise ValueError(f"{path}: corrupt or truncated ({error})") from None
+    layout = _nifti1_layout(content[:348])
+    if layout is None:
+        return array
+    byte_order, datatype, bitpix, vox_offset = layout
+    expected = vox_offset + array.size * bitpix // 8
+    if len(content) < expected:
+        raise ValueError(
+            f"{path}: truncated: the header announces {expected} bytes, the file holds "
+            f"{len(content)}"
+        )
+    stored_float = NIFTI_FLOAT_TYPES.get(datatype)
+    if stored_float is None:
+        return array
+    stored = np.frombuffer(
+        content, dtype=byte_order + stored_float, count=array.size, offset=vox_offset
+    ).reshape(array.shape)
+    non_finite = ~np.isfinite(stored)
+    array[non_finite] = stored[non_finite]
+    return array
+
+
+def _nifti1_layout(header: bytes) -> tuple[str, int, int, int] | None:
+    """(byte order, datatype code, bitpix, vox_offset) of a NIfTI-1 header; None otherwise."""
+    for byte_order in "<>":
+        if len(header) == 348 and struct.unpack(f"{byte_order}i", header[:4])[0] == 348:
+            datatype, bitpix = struct.unpack(f"{byte_order}2h", header[70:74])
+            vox_offset = struct.unpack(f"{byte_order}f", header[108:112])[0]
+            return byte_order, datatype, bitpix, int(vox_offset)
+    return None
+
+
+def _decimal_string(value: float) -> str:
+    """A DICOM decimal string (at most 16 characters) holding ``value`` as precisely as fits."""
+    for digits in range(12, 5, -1):
+        text = f"{value:.{digits}g}"
+        if len(text) <= 16:
+            return text
+    raise ValueError(f"{value} does not fit a DICOM decimal string")
+
+
+def _dicom_uid() -> str:
+    # UUID-derived UIDs under the 2.25 root need no registered organisation prefix.
+    return f"2.25.{uuid.uuid4().int}"
+
+
+def _reason(error: Exception) -> str:
+    """SimpleITK's message without its source-location line and ``ITK ERROR: Class(0x..):``."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[-1] if lines else type(error).__name__
+    lines = [line for line in lines if not line.startswith("Exception thrown in SimpleITK")]
+    cleaned = [line.split("): ", 1)[-1] if "ERROR" in line else line for line in lines]
+    return " ".join(cleaned) or type(error).__name__

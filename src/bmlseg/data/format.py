@@ -11,19 +11,26 @@
 
 ``bone`` in annotations.csv is a bone *name* declared in dataset.json's ``bones``; x runs along
 the image width (last array axis), y along its height.
+
+:func:`check` validates a whole folder and writes nothing; ``bmlseg-check ROOT`` (:func:`main_check`)
+prints what it finds. docs/dataset.md describes the format for people filling it with real data.
 """
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import os
+import re
 import uuid
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from bmlseg.io import Geometry, read_volume
 
@@ -31,6 +38,11 @@ FORMAT_VERSION = 1
 ANNOTATION_COLUMNS = ("case", "reader", "slice", "bone", "x0", "y0", "x1", "y1")
 SPLITS = ("train", "val", "test")
 VOLUME_SUFFIX = ".nii.gz"
+REQUIRED_FIELDS = ("name", "bones", "cases")
+KNOWN_FIELDS = ("format_version", *REQUIRED_FIELDS)
+CASE_FIELDS = ("id", "subject", "readers", "split")
+# Case ids name files, so they stay within characters every file system accepts.
+CASE_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 @dataclass(frozen=True)
@@ -93,6 +105,17 @@ class Case:
     mask: np.ndarray | None = None  # [S, H, W] uint8 ground truth, where present
 
 
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong in a dataset folder: ``where`` (a file, and its line or field) and ``what``."""
+
+    where: str
+    what: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.what}"
+
+
 def image_path(root: str | os.PathLike, case_id: str) -> Path:
     return Path(root) / "images" / f"{case_id}{VOLUME_SUFFIX}"
 
@@ -110,44 +133,18 @@ def softlabel_path(root: str | os.PathLike, method: str, case_id: str) -> Path:
 
 
 def read_dataset_json(root: str | os.PathLike) -> DatasetInfo:
-    """Parse ``<root>/dataset.json``; a malformed file raises ValueError naming the field."""
+    """Parse ``<root>/dataset.json``; a malformed file raises ValueError naming every bad field."""
     path = Path(root) / "dataset.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: missing (every dataset folder needs one)")
     try:
         raw = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: missing (every dataset folder needs one)") from None
-    except json.JSONDecodeError as error:
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{path}: not valid JSON ({error})") from None
-    for key in ("name", "bones", "cases"):
-        if key not in raw:
-            raise ValueError(f"{path}: missing field '{key}'")
-    try:
-        bones = {int(label): str(name) for label, name in raw["bones"].items()}
-    except (AttributeError, ValueError):
-        raise ValueError(
-            f"{path}: field 'bones' must map integer labels to names, e.g. {{\"1\": \"femur\"}}"
-        ) from None
-    cases = []
-    for index, case in enumerate(raw["cases"]):
-        missing = [key for key in ("id", "subject", "readers", "split") if key not in case]
-        if missing:
-            raise ValueError(f"{path}: cases[{index}] is missing {', '.join(missing)}")
-        cases.append(
-            CaseRecord(
-                id=str(case["id"]),
-                subject=str(case["subject"]),
-                readers=tuple(str(reader) for reader in case["readers"]),
-                split=str(case["split"]),
-            )
-        )
-    known = {"format_version", "name", "bones", "cases"}
-    return DatasetInfo(
-        name=str(raw["name"]),
-        bones=bones,
-        cases=cases,
-        format_version=int(raw.get("format_version", FORMAT_VERSION)),
-        extra={key: value for key, value in raw.items() if key not in known},
-    )
+    info, problems = _parse_dataset_json(raw, str(path))
+    if problems:
+        raise ValueError("\n".join(map(str, problems)))
+    return info
 
 
 def write_dataset_json(root: str | os.PathLike, info: DatasetInfo) -> Path:
@@ -162,33 +159,19 @@ def write_dataset_json(root: str | os.PathLike, info: DatasetInfo) -> Path:
 
 
 def read_annotations(root: str | os.PathLike) -> list[Annotation]:
-    """Parse ``<root>/annotations.csv``; a malformed row raises ValueError naming its line."""
+    """Parse ``<root>/annotations.csv``; a malformed row raises ValueError naming line and field."""
     path = Path(root) / "annotations.csv"
     if not path.exists():
-        raise FileNotFoundError(f"{path}: missing (an empty file with the header is fine)")
-    with path.open(newline="") as handle:
-        reader = csv.DictReader(handle)
-        if tuple(reader.fieldnames or ()) != ANNOTATION_COLUMNS:
-            raise ValueError(
-                f"{path}: header must be {','.join(ANNOTATION_COLUMNS)}, got "
-                f"{','.join(reader.fieldnames or [])}"
-            )
-        rows = []
-        for line, row in enumerate(reader, start=2):
-            try:
-                rows.append(
-                    Annotation(
-                        case=row["case"],
-                        reader=row["reader"],
-                        slice=int(row["slice"]),
-                        bone=row["bone"],
-                        **{key: int(row[key]) for key in ("x0", "y0", "x1", "y1")},
-                    )
-                )
-            except (TypeError, ValueError):
-                raise ValueError(
-                    f"{path}: line {line}: slice, x0, y0, x1, y1 must be integers, got {row}"
-                ) from None
+        raise FileNotFoundError(f"{path}: missing (a file holding only the header line is fine)")
+    header, lines = _csv_lines(path)
+    if header != ANNOTATION_COLUMNS:
+        raise ValueError(f"{path}: line 1: {_header_error(header)}")
+    rows = []
+    for line, values in lines:
+        try:
+            rows.append(_parse_annotation(values))
+        except ValueError as error:
+            raise ValueError(f"{path}: line {line}: {error}") from None
     return rows
 
 
@@ -235,3 +218,440 @@ def write_text_atomic(path: Path, text: str) -> Path:
     finally:
         temporary.unlink(missing_ok=True)
     return path
+
+
+# Parsing, shared by the readers above and by check() below.
+
+
+def _parse_dataset_json(raw: Any, where: str) -> tuple[DatasetInfo, list[Problem]]:
+    """The valid part of dataset.json's content, and a Problem for each invalid field."""
+    if not isinstance(raw, dict):
+        return DatasetInfo(name="", bones={}, cases=[]), [
+            Problem(where, "must hold a JSON object with name, bones and cases")
+        ]
+    problems = [
+        Problem(where, f"missing field '{key}'") for key in REQUIRED_FIELDS if key not in raw
+    ]
+    version = raw.get("format_version", FORMAT_VERSION)
+    if type(version) is not int or not 1 <= version <= FORMAT_VERSION:
+        problems.append(
+            Problem(
+                f"{where} format_version",
+                f"must be an integer from 1 to {FORMAT_VERSION}, got {version!r}",
+            )
+        )
+    name = raw.get("name", "")
+    if not isinstance(name, str):
+        problems.append(Problem(f"{where} name", f"must be a string, got {name!r}"))
+    bones, bone_problems = (
+        _parse_bones(raw["bones"], f"{where} bones") if "bones" in raw else ({}, [])
+    )
+    cases, case_problems = (
+        _parse_cases(raw["cases"], f"{where} cases") if "cases" in raw else ([], [])
+    )
+    info = DatasetInfo(
+        name=str(name),
+        bones=bones,
+        cases=cases,
+        format_version=version if type(version) is int else FORMAT_VERSION,
+        extra={key: value for key, value in raw.items() if key not in KNOWN_FIELDS},
+    )
+    return info, problems + bone_problems + case_problems
+
+
+def _parse_bones(raw: Any, where: str) -> tuple[dict[int, str], list[Problem]]:
+    if not isinstance(raw, dict) or not raw:
+        return {}, [Problem(where, 'must map integer labels to names, e.g. {"1": "femur"}')]
+    bones: dict[int, str] = {}
+    problems = []
+    for key, name in raw.items():
+        if not (isinstance(key, str) and key.isdigit() and 1 <= int(key) <= 255):
+            problems.append(Problem(f"{where}[{key!r}]", "labels must be integers from 1 to 255"))
+        elif not isinstance(name, str) or not name:
+            problems.append(Problem(f"{where}[{key!r}]", f"must be a bone name, got {name!r}"))
+        elif name in bones.values():
+            problems.append(Problem(f"{where}[{key!r}]", f"bone name {name!r} is used twice"))
+        else:
+            bones[int(key)] = name
+    return bones, problems
+
+
+def _parse_cases(raw: Any, where: str) -> tuple[list[CaseRecord], list[Problem]]:
+    """The valid cases; duplicate ids and subjects spread over two splits are problems."""
+    if not isinstance(raw, list):
+        return [], [Problem(where, "must be a list of {id, subject, readers, split} objects")]
+    cases, problems = [], []
+    first_index: dict[str, int] = {}
+    subject_split: dict[str, tuple[str, str]] = {}  # subject -> (split, id of its first case)
+    for index, entry in enumerate(raw):
+        record, entry_problems = _parse_case(entry, f"{where}[{index}]")
+        problems += entry_problems
+        if record is None:
+            continue
+        if record.id in first_index:
+            problems.append(
+                Problem(
+                    f"{where}[{index}].id",
+                    f"duplicate case id {record.id!r} (also {where}[{first_index[record.id]}])",
+                )
+            )
+            continue
+        first_index[record.id] = index
+        cases.append(record)
+        if record.split not in SPLITS:
+            continue
+        split, first_case = subject_split.setdefault(record.subject, (record.split, record.id))
+        if split != record.split:
+            problems.append(
+                Problem(
+                    f"{where}[{index}].split",
+                    f"subject {record.subject!r} is in split {record.split!r} here and in "
+                    f"{split!r} for case {first_case!r}; a subject must stay in one split",
+                )
+            )
+    return cases, problems
+
+
+def _parse_case(raw: Any, where: str) -> tuple[CaseRecord | None, list[Problem]]:
+    """A case entry; with an unknown split the record still comes back, so that its files and
+    annotation rows get checked, next to the split's Problem."""
+    if not isinstance(raw, dict):
+        return None, [Problem(where, "must be an object with id, subject, readers, split")]
+    problems = [Problem(where, f"missing field '{key}'") for key in CASE_FIELDS if key not in raw]
+    if problems:
+        return None, problems
+    for key in ("id", "subject", "split"):
+        if not isinstance(raw[key], str) or not raw[key]:
+            problems.append(
+                Problem(f"{where}.{key}", f"must be a non-empty string, got {raw[key]!r}")
+            )
+    if not problems and not CASE_ID_PATTERN.fullmatch(raw["id"]):
+        problems.append(
+            Problem(
+                f"{where}.id",
+                f"{raw['id']!r} must be a file name: letters, digits, '.', '_', '-'",
+            )
+        )
+    readers = raw["readers"]
+    if not isinstance(readers, list) or not all(isinstance(r, str) and r for r in readers):
+        problems.append(Problem(f"{where}.readers", f"must be a list of names, got {readers!r}"))
+    elif len(set(readers)) != len(readers):
+        problems.append(Problem(f"{where}.readers", f"lists a reader twice: {readers}"))
+    if problems:
+        return None, problems
+    record = CaseRecord(raw["id"], raw["subject"], tuple(readers), raw["split"])
+    if record.split not in SPLITS:
+        problems.append(
+            Problem(
+                f"{where}.split", f"unknown split {record.split!r} (expected {', '.join(SPLITS)})"
+            )
+        )
+    return record, problems
+
+
+def _csv_lines(path: Path) -> tuple[tuple[str, ...], list[tuple[int, list[str]]]]:
+    """The header of a CSV file and each non-blank row with its line number (from 1)."""
+    with path.open(newline="") as handle:
+        reader = csv.reader(handle)
+        header = tuple(value.strip() for value in next(reader, []))
+        lines = [(reader.line_num, values) for values in reader if any(v.strip() for v in values)]
+    return header, lines
+
+
+def _header_error(header: tuple[str, ...]) -> str:
+    return f"header must be {','.join(ANNOTATION_COLUMNS)}, got {','.join(header)}"
+
+
+def _parse_annotation(values: list[str]) -> Annotation:
+    """One annotations.csv row; ValueError names the field that is wrong."""
+    if len(values) != len(ANNOTATION_COLUMNS):
+        raise ValueError(
+            f"expected {len(ANNOTATION_COLUMNS)} values ({','.join(ANNOTATION_COLUMNS)}), "
+            f"got {len(values)}"
+        )
+    fields = dict(zip(ANNOTATION_COLUMNS, (value.strip() for value in values), strict=True))
+    for column in ("case", "reader", "bone"):
+        if not fields[column]:
+            raise ValueError(f"field '{column}' is empty")
+    numbers = {}
+    for column in ("slice", "x0", "y0", "x1", "y1"):
+        try:
+            numbers[column] = int(fields[column])
+        except ValueError:
+            raise ValueError(
+                f"field '{column}' must be an integer, got {fields[column]!r}"
+            ) from None
+    return Annotation(case=fields["case"], reader=fields["reader"], bone=fields["bone"], **numbers)
+
+
+# Validation: bmlseg-check.
+
+
+def check(root: str | os.PathLike, *, progress: bool = False) -> list[Problem]:
+    """Every problem found in the dataset folder ``root``; empty when it is valid.
+
+    Reads dataset.json, annotations.csv and every volume (images, bones, masks, softlabels)
+    and writes nothing. ``where`` in each Problem is relative to ``root``.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        return [Problem(str(root), "no such folder")]
+    path = root / "dataset.json"
+    if not path.exists():
+        return [Problem("dataset.json", "missing (every dataset folder needs one)")]
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        return [Problem("dataset.json", f"not valid JSON ({error})")]
+    info, problems = _parse_dataset_json(raw, "dataset.json")
+    if not isinstance(raw, dict) or any(key not in raw for key in REQUIRED_FIELDS):
+        # Files and rows are checked against the cases and bones: without them, every one fails.
+        return problems
+    shapes: dict[str, tuple[int, ...]] = {}
+    geometries: dict[str, Geometry] = {}
+    for record in tqdm(info.cases, desc="checking volumes", unit="case", disable=not progress):
+        shape_geometry, volume_problems = _check_case_volumes(root, record, info.bones)
+        problems += volume_problems
+        if shape_geometry is not None:
+            shapes[record.id], geometries[record.id] = shape_geometry
+    known = {record.id for record in info.cases}
+    problems += _check_unlisted_files(root, known)
+    problems += _check_softlabels(root, known, shapes, geometries)
+    problems += _check_annotations(root, info, shapes)
+    return problems
+
+
+def _check_case_volumes(
+    root: Path, record: CaseRecord, bone_names: dict[int, str]
+) -> tuple[tuple[tuple[int, ...], Geometry] | None, list[Problem]]:
+    """Problems of one case's image, bones and mask; its image's shape and geometry if readable."""
+    image_where = _relative(image_path(root, record.id), root)
+    image, geometry, problems = _read_for_check(image_path(root, record.id), root)
+    if image is not None:
+        problems += _non_finite_problems(image, image_where)
+    bones, bones_geometry, bones_problems = _read_for_check(bones_path(root, record.id), root)
+    problems += bones_problems
+    bones_where = _relative(bones_path(root, record.id), root)
+    if bones is not None:
+        problems += _label_problems(bones, bones_where, bone_names)
+        if image is not None:
+            problems += _geometry_problems(bones, bones_geometry, bones_where, image, geometry)
+    if mask_path(root, record.id).exists():
+        mask, mask_geometry, mask_problems = _read_for_check(mask_path(root, record.id), root)
+        problems += mask_problems
+        mask_where = _relative(mask_path(root, record.id), root)
+        if mask is not None:
+            extra = np.setdiff1d(np.unique(mask), [0, 1])
+            if extra.size:
+                problems.append(Problem(mask_where, f"values must be 0 or 1, found {extra[:5]}"))
+            if image is not None:
+                problems += _geometry_problems(mask, mask_geometry, mask_where, image, geometry)
+    if image is None:
+        return None, problems
+    return (image.shape, geometry), problems
+
+
+def _read_for_check(
+    path: Path, root: Path
+) -> tuple[np.ndarray | None, Geometry | None, list[Problem]]:
+    try:
+        array, geometry = read_volume(path)
+    except FileNotFoundError:
+        return None, None, [Problem(_relative(path, root), "missing")]
+    except ValueError as error:
+        # read_volume's message starts with the full path; the Problem names it already.
+        reason = str(error).removeprefix(f"{path}: ")
+        return None, None, [Problem(_relative(path, root), f"unreadable: {reason}")]
+    return array, geometry, []
+
+
+def _non_finite_problems(array: np.ndarray, where: str) -> list[Problem]:
+    if not np.issubdtype(array.dtype, np.floating):
+        return []
+    count = int(np.count_nonzero(~np.isfinite(array)))
+    if count:
+        return [Problem(where, f"{count} NaN or infinite voxel(s)")]
+    return []
+
+
+def _label_problems(bones: np.ndarray, where: str, bone_names: dict[int, str]) -> list[Problem]:
+    problems = _non_finite_problems(bones, where)
+    if problems:
+        return problems
+    labels = np.unique(bones)
+    undeclared = [value for value in labels.tolist() if value != 0 and value not in bone_names]
+    if undeclared:
+        declared = ", ".join(f"{label} {name}" for label, name in sorted(bone_names.items()))
+        problems.append(
+            Problem(
+                where,
+                f"labels {undeclared[:10]} are not declared in dataset.json bones ({declared})",
+            )
+        )
+    if not np.any(labels != 0):
+        problems.append(Problem(where, "no bone voxels (the crop is centred on the bones)"))
+    return problems
+
+
+def _geometry_problems(
+    array: np.ndarray, geometry: Geometry, where: str, image: np.ndarray, image_geometry: Geometry
+) -> list[Problem]:
+    """Shape and geometry differences from the case's image, each field named."""
+    if array.shape != image.shape:
+        return [Problem(where, f"shape {array.shape} differs from the image's {image.shape}")]
+    return [
+        Problem(
+            where,
+            f"{name} {getattr(geometry, name)} differs from the image's "
+            f"{getattr(image_geometry, name)}",
+        )
+        for name in image_geometry.mismatch(geometry)
+    ]
+
+
+def _check_unlisted_files(root: Path, known: set[str]) -> list[Problem]:
+    problems = []
+    for folder in ("images", "bones", "masks"):
+        for path in sorted((root / folder).glob("*")) if (root / folder).is_dir() else []:
+            case_id = path.name.removesuffix(VOLUME_SUFFIX)
+            if path.name.startswith("."):
+                continue
+            if not path.name.endswith(VOLUME_SUFFIX):
+                problems.append(
+                    Problem(_relative(path, root), f"expected <case id>{VOLUME_SUFFIX} files here")
+                )
+            elif case_id not in known:
+                problems.append(
+                    Problem(
+                        _relative(path, root), f"case {case_id!r} is not listed in dataset.json"
+                    )
+                )
+    return problems
+
+
+def _check_softlabels(
+    root: Path,
+    known: set[str],
+    shapes: dict[str, tuple[int, ...]],
+    geometries: dict[str, Geometry],
+) -> list[Problem]:
+    """Soft labels, where present: a listed case, the image's geometry, values in [0, 1]."""
+    problems = []
+    for path in sorted((root / "softlabels").glob(f"*/*{VOLUME_SUFFIX}")):
+        where = _relative(path, root)
+        case_id = path.name.removesuffix(VOLUME_SUFFIX)
+        if case_id not in known:
+            problems.append(Problem(where, f"case {case_id!r} is not listed in dataset.json"))
+            continue
+        label, geometry, read_problems = _read_for_check(path, root)
+        problems += read_problems
+        if label is None:
+            continue
+        if np.isnan(label).any() or label.min() < 0 or label.max() > 1:
+            problems.append(
+                Problem(where, f"values must lie in [0, 1], found {label.min()}..{label.max()}")
+            )
+        if case_id in shapes:
+            image = np.empty(shapes[case_id], dtype=np.uint8)
+            problems += _geometry_problems(label, geometry, where, image, geometries[case_id])
+    return problems
+
+
+def _check_annotations(
+    root: Path, info: DatasetInfo, shapes: dict[str, tuple[int, ...]]
+) -> list[Problem]:
+    path = root / "annotations.csv"
+    if not path.exists():
+        return [Problem("annotations.csv", "missing (a file holding only the header is fine)")]
+    try:
+        header, lines = _csv_lines(path)
+    except (UnicodeDecodeError, csv.Error) as error:
+        return [Problem("annotations.csv", f"not a readable CSV file ({error})")]
+    if header != ANNOTATION_COLUMNS:
+        return [Problem("annotations.csv line 1", _header_error(header))]
+    cases = {record.id: record for record in info.cases}
+    bone_names = set(info.bones.values())
+    problems = []
+    for line, values in lines:
+        where = f"annotations.csv line {line}"
+        try:
+            row = _parse_annotation(values)
+        except ValueError as error:
+            problems.append(Problem(where, str(error)))
+            continue
+        problems += [
+            Problem(where, what) for what in _annotation_errors(row, cases, bone_names, shapes)
+        ]
+    return problems
+
+
+def _annotation_errors(
+    row: Annotation,
+    cases: dict[str, CaseRecord],
+    bone_names: set[str],
+    shapes: dict[str, tuple[int, ...]],
+) -> list[str]:
+    errors = []
+    record = cases.get(row.case)
+    if record is None:
+        errors.append(f"case {row.case!r} is not listed in dataset.json")
+    elif row.reader not in record.readers:
+        errors.append(
+            f"reader {row.reader!r} is not among case {row.case}'s readers "
+            f"({', '.join(record.readers)})"
+        )
+    if row.bone not in bone_names:
+        errors.append(
+            f"bone {row.bone!r} is not declared in dataset.json bones ({', '.join(sorted(bone_names))})"
+        )
+    if row.x1 <= row.x0 or row.y1 <= row.y0:
+        errors.append(
+            f"empty rectangle x0={row.x0} x1={row.x1} y0={row.y0} y1={row.y1} "
+            "(needs x1 > x0 and y1 > y0; x1, y1 are exclusive)"
+        )
+    if row.case in shapes:
+        slices, height, width = shapes[row.case]
+        if not 0 <= row.slice < slices:
+            errors.append(f"slice {row.slice} is outside 0..{slices - 1} of case {row.case}")
+        if row.x0 < 0 or row.y0 < 0 or row.x1 > width or row.y1 > height:
+            errors.append(
+                f"rectangle x {row.x0}..{row.x1}, y {row.y0}..{row.y1} leaves the image "
+                f"(width {width}, height {height})"
+            )
+    return errors
+
+
+def _relative(path: Path, root: Path) -> str:
+    return path.relative_to(root).as_posix()
+
+
+def main_check(argv: Sequence[str] | None = None) -> int:
+    """``bmlseg-check ROOT``: print every problem and return 1, or an OK summary and return 0."""
+    parser = argparse.ArgumentParser(
+        prog="bmlseg-check",
+        description="Validate a bmlseg dataset folder (see docs/dataset.md). Writes nothing.",
+    )
+    parser.add_argument("root", type=Path, help="the dataset folder, holding dataset.json")
+    args = parser.parse_args(argv)
+    problems = check(args.root, progress=True)
+    for problem in problems:
+        print(problem)
+    if problems:
+        print(f"{args.root}: {len(problems)} problem(s)")
+        return 1
+    print(_summary(args.root))
+    return 0
+
+
+def _summary(root: Path) -> str:
+    info = read_dataset_json(root)
+    splits = ", ".join(f"{len(info.split(split))} {split}" for split in SPLITS)
+    subjects = len({record.subject for record in info.cases})
+    readers = len({reader for record in info.cases for reader in record.readers})
+    masks = sum(mask_path(root, record.id).exists() for record in info.cases)
+    methods = sorted(path.name for path in (root / "softlabels").glob("*") if path.is_dir())
+    return (
+        f"OK {root}: {len(info.cases)} cases ({splits}), {subjects} subjects, {readers} readers, "
+        f"{len(read_annotations(root))} annotations, {masks} ground-truth masks, "
+        f"soft labels: {', '.join(methods) or 'none'}"
+    )
