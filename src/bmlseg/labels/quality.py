@@ -1,0 +1,190 @@
+"""How close each method's labels come to the pixelwise truth (``masks/``), before any training.
+
+Scores per case, then averaged over the cases that have a mask:
+
+- soft Dice: 2 sum(y t) / (sum y + sum t);
+- Brier score: mean (y - t)^2 over bone voxels;
+- recall: share of true BML voxels with y > 0.5;
+- mass outside truth: sum of y outside the truth / sum y.
+
+Soft Dice and recall are averaged over the cases whose truth holds BML: on a case without any,
+an empty label would score a perfect Dice and the mean would reward labelling nothing. Mass
+outside truth leaves out the cases whose label is empty (0 / 0).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+from tqdm import tqdm
+
+from bmlseg.data.format import (
+    load_case,
+    mask_path,
+    read_annotations,
+    read_dataset_json,
+    softlabel_path,
+    write_text_atomic,
+)
+from bmlseg.io import read_volume
+from bmlseg.labels.files import generate, recorded_options
+
+SCORES = ("soft_dice", "brier", "recall", "mass_outside_truth")
+HEADINGS = {
+    "method": "method",
+    "cases": "cases",
+    "soft_dice": "soft Dice",
+    "brier": "Brier (bone)",
+    "recall": "recall (y > 0.5)",
+    "mass_outside_truth": "mass outside truth",
+}
+
+
+def label_scores(label: np.ndarray, truth: np.ndarray, bone: np.ndarray) -> dict[str, float]:
+    """The four scores of one case's ``label`` against ``truth`` (both ``[S, H, W]``).
+
+    A score that is undefined on this case (see the module's docstring) is NaN.
+    """
+    label = label.astype(np.float64)
+    truth = truth.astype(bool)
+    overlap = label[truth].sum()
+    mass = label.sum()
+    total = mass + truth.sum()
+    has_bml = truth.any()
+    return {
+        "soft_dice": 2.0 * overlap / total if has_bml else float("nan"),
+        "brier": float(np.mean((label[bone] - truth[bone]) ** 2)) if bone.any() else 0.0,
+        "recall": float(np.mean(label[truth] > 0.5)) if has_bml else float("nan"),
+        "mass_outside_truth": (mass - overlap) / mass if mass > 0 else float("nan"),
+    }
+
+
+def evaluate(
+    root: str | os.PathLike, methods: Sequence[str], *, out_dir: str | os.PathLike
+) -> list[dict]:
+    """Score ``methods``' labels against ``root/masks/``; write a table, a CSV and a figure.
+
+    Labels missing under ``softlabels/<method>/`` are generated first with the options recorded
+    there (defaults for a new method). Writes ``label_quality.md``, ``label_quality.csv`` and
+    ``label_quality.png`` (one slice: the image with the truth's outline, each method's label).
+
+    Returns:
+        One row per method: ``{"method", "cases", "soft_dice", "brier", "recall",
+        "mass_outside_truth"}``; ``cases`` counts the cases with a mask, each score is averaged
+        over those where it is defined.
+    """
+    if not methods:
+        raise ValueError("evaluate needs at least one label method")
+    info = read_dataset_json(root)
+    case_ids = [record.id for record in info.cases if mask_path(root, record.id).exists()]
+    if not case_ids:
+        raise ValueError(f"{root}: no case has a masks/<id>.nii.gz ground truth to score against")
+    for method in methods:
+        missing = [
+            case_id for case_id in case_ids if not softlabel_path(root, method, case_id).exists()
+        ]
+        if missing:
+            generate(root, method, cases=missing, **recorded_options(root, method))
+    annotations = read_annotations(root)
+    scores: dict[str, list[dict[str, float]]] = {method: [] for method in methods}
+    example = None
+    for case_id in tqdm(case_ids, desc="label quality", unit="case"):
+        case = load_case(root, case_id, info=info, annotations=annotations)
+        bone = case.bones > 0
+        labels = {method: _read_label(root, method, case_id, case.mask.shape) for method in methods}
+        for method, label in labels.items():
+            scores[method].append(label_scores(label, case.mask, bone))
+        if example is None and case.mask.any():
+            index = int(np.argmax(case.mask.sum(axis=(1, 2))))
+            slices = {method: label[index] for method, label in labels.items()}
+            example = (f"{case_id}, slice {index}", case.image[index], case.mask[index], slices)
+    rows = [_average(method, scores[method]) for method in methods]
+    out_dir = Path(out_dir)
+    write_text_atomic(out_dir / "label_quality.md", markdown_table(rows))
+    write_text_atomic(out_dir / "label_quality.csv", _csv(rows))
+    if example is not None:
+        _save_figure(out_dir / "label_quality.png", *example)
+    return rows
+
+
+def markdown_table(rows: Sequence[dict]) -> str:
+    """The rows of ``evaluate`` as a markdown table, scores to three decimals."""
+    lines = [
+        "| " + " | ".join(HEADINGS.values()) + " |",
+        "|" + "|".join("---" for _ in HEADINGS) + "|",
+    ]
+    for row in rows:
+        cells = [row["method"], str(row["cases"])] + [f"{row[score]:.3f}" for score in SCORES]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _read_label(
+    root: str | os.PathLike, method: str, case_id: str, shape: tuple[int, ...]
+) -> np.ndarray:
+    path = softlabel_path(root, method, case_id)
+    label, _ = read_volume(path)
+    if label.shape != shape:
+        raise ValueError(f"{path}: label of shape {label.shape}, its mask has shape {shape}")
+    return label
+
+
+def _average(method: str, case_scores: list[dict[str, float]]) -> dict:
+    """Mean of each score over the cases where it is defined."""
+    row: dict = {"method": method, "cases": len(case_scores)}
+    for score in SCORES:
+        values = np.array([scores[score] for scores in case_scores])
+        row[score] = float(np.nanmean(values)) if not np.isnan(values).all() else float("nan")
+    return row
+
+
+def _csv(rows: Sequence[dict]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(HEADINGS), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def _save_figure(
+    path: Path,
+    where: str,
+    image: np.ndarray,
+    truth: np.ndarray,
+    labels: dict[str, np.ndarray],
+) -> None:
+    """Image, then one panel per method; the truth's outline in every panel."""
+    rows, columns = np.nonzero(truth)
+    margin = max(20, int(np.ptp(rows)), int(np.ptp(columns)))
+    window = (
+        slice(max(rows.min() - margin, 0), rows.max() + margin + 1),
+        slice(max(columns.min() - margin, 0), columns.max() + margin + 1),
+    )
+    panels = {"image": None, **labels}
+    columns_per_row = min(len(panels), 4)
+    grid_rows = -(-len(panels) // columns_per_row)
+    figure = Figure(figsize=(2.6 * columns_per_row + 0.8, 2.7 * grid_rows), layout="constrained")
+    axes = figure.subplots(grid_rows, columns_per_row, squeeze=False).ravel()
+    for axis in axes[len(panels) :]:
+        axis.set_axis_off()
+    for axis, (title, label) in zip(axes, panels.items(), strict=False):
+        axis.imshow(image[window], cmap="gray")
+        if label is not None:
+            # Zero is left transparent so the anatomy under an empty label stays visible.
+            visible = np.ma.masked_equal(label[window], 0.0)
+            heatmap = axis.imshow(visible, cmap="inferno", vmin=0.0, vmax=1.0, alpha=0.8)
+        axis.contour(truth[window], levels=[0.5], colors="cyan", linewidths=0.8)
+        axis.set_title(title, fontsize=9)
+        axis.set_axis_off()
+    figure.colorbar(heatmap, ax=axes.tolist(), shrink=0.6, label="label value")
+    figure.suptitle(f"{where} (cyan: true BML outline)", fontsize=9)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".tmp-{path.name}")
+    figure.savefig(temporary, dpi=120, format="png")
+    os.replace(temporary, path)
