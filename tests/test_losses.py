@@ -299,9 +299,12 @@ def test_mask_loss_under_bfloat16_autocast_matches_float32():
     [(1.0, 0.0, 0.0, 0.0), (0.0, 1.0, 0.0, 0.0), (0.0, 0.0, 1.0, 0.0), (2.0, 0.5, 1.5, 0.25)],
 )
 def test_mask_loss_is_the_weighted_sum_of_the_functions(weights, normalized):
+    """Value and (analytic) gradient of MaskLoss equal autograd through the functions."""
     bce, sce, rce, mae_weight = weights
     generator = torch.Generator().manual_seed(1)
     z = 3 * torch.randn(4, 7, 7, generator=generator, dtype=torch.float64)
+    z[0, 0, :4] = torch.tensor([60.0, -60.0, 46.0, -1e4])  # beyond and near the clip at Pmin
+    z.requires_grad_()
     y = torch.rand(4, 7, 7, generator=generator, dtype=torch.float64)
     hard = (y >= 0.3).double()
     expected = (
@@ -311,7 +314,11 @@ def test_mask_loss_is_the_weighted_sum_of_the_functions(weights, normalized):
         + mae_weight * mae(z, y, normalized=normalized)
     ).mean()
     mask_loss = MaskLoss(bce, sce, rce, mae_weight, normalized=normalized, hard_threshold=0.3)
-    torch.testing.assert_close(mask_loss(z, y), expected)
+    value = mask_loss(z, y)
+    torch.testing.assert_close(value, expected)
+    (gradient,) = torch.autograd.grad(value, z)
+    (expected_gradient,) = torch.autograd.grad(expected, z)
+    torch.testing.assert_close(gradient, expected_gradient)
 
 
 def test_default_mask_loss_is_torchvision_bce_on_binary_masks():

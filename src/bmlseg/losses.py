@@ -21,6 +21,7 @@ See docs/losses.md for the formulas and the presets of the paper's Table I.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -146,25 +147,10 @@ class MaskLoss(nn.Module):
         z = _as_compute_dtype(logits)
         if z.numel() == 0:
             return z.sum() * 0
-        y = targets.to(z.dtype)
-        # Each term is averaged before it is weighted and summed: scalar arithmetic instead of
-        # full-size additions, in the forward and the backward pass.
-        loss = z.new_zeros(())
-        if self.bce or self.sce:
-            # Cross entropy is linear in its target, so bce * H(hard, p) + sce * H(y, p) is one
-            # cross entropy whose weights on log p and log(1 - p) add up both targets' weights.
-            on_p = self.sce * y
-            if self.bce:
-                on_p = on_p + self.bce * (y >= self.hard_threshold).to(z.dtype)
-            on_not_p = (self.bce + self.sce) - on_p
-            log_p, log_q = _clipped_log_probs(z, self.p_min)
-            loss = loss + _cross_entropy(log_p, log_q, on_p, on_not_p, self.normalized).mean()
-        if self.rce:
-            rce = _reverse_cross_entropy(z, y, self.normalized, self.p_min)
-            loss = loss + self.rce * rce.mean()
-        if self.mae:
-            loss = loss + self.mae * mae(z, y, normalized=self.normalized).mean()
-        return loss
+        weights = (self.bce, self.sce, self.rce, self.mae)
+        return _MaskLossFunction.apply(
+            z, targets.to(z.dtype), weights, self.normalized, self.p_min, self.hard_threshold
+        )
 
     def extra_repr(self) -> str:
         return (
@@ -179,13 +165,31 @@ def _as_compute_dtype(logits: Tensor) -> Tensor:
     return logits if logits.dtype == torch.float64 else logits.float()
 
 
+def _logit_bound(p_min: float) -> float:
+    """``L = logit(1 - Pmin)``: clipping p to ``[Pmin, 1 - Pmin]`` is clipping z to ``[-L, L]``."""
+    # sigmoid is monotonic, so one clamp of z does it, and no 1 - p that rounds to 0 is formed.
+    return math.log1p(-p_min) - math.log(p_min)
+
+
 def _clipped_log_probs(logits: Tensor, p_min: float) -> tuple[Tensor, Tensor]:
     """``(log p*, log(1 - p*))`` with ``p*`` = ``sigmoid(z)`` clipped to ``[Pmin, 1 - Pmin]``."""
-    # sigmoid is monotonic, so clipping p to [Pmin, 1 - Pmin] is clipping z to [-L, L] with
-    # L = logit(1 - Pmin) = log(1 - Pmin) - log Pmin: one clamp, and no 1 - p that rounds to 0.
-    z_max = math.log1p(-p_min) - math.log(p_min)
+    z_max = _logit_bound(p_min)
     z = _as_compute_dtype(logits).clamp(-z_max, z_max)
     return F.logsigmoid(z), F.logsigmoid(-z)
+
+
+def _label_logs(target: Tensor, p_min: float) -> tuple[Tensor, Tensor]:
+    """``(log y*, log(1 - y*))`` with the label ``y*`` clipped to ``[Pmin, 1 - Pmin]``."""
+    log_max = math.log1p(-p_min)
+    # 1 - y and y are clipped separately: 1 - clip(y) would make 1 - (1 - Pmin) == 0 in float32.
+    log_y = target.clamp_min(p_min).log().clamp_max(log_max)
+    log_not_y = (1 - target).clamp_min(p_min).log().clamp_max(log_max)
+    return log_y, log_not_y
+
+
+def _reverse_cross_entropy_normalizer(p_min: float) -> float:
+    """``-log Pmin - log(1 - Pmin)``: RCE summed over the two hard labels."""
+    return -(math.log(p_min) + math.log1p(-p_min))
 
 
 def _cross_entropy(
@@ -204,11 +208,83 @@ def _cross_entropy(
 
 def _reverse_cross_entropy(z: Tensor, target: Tensor, normalized: bool, p_min: float) -> Tensor:
     """``H(p, y*)`` from logits ``z`` and targets ``y`` (both already float); see above."""
-    log_min, log_max = math.log(p_min), math.log1p(-p_min)
-    # 1 - y and y are clipped separately: 1 - clip(y) would make 1 - (1 - Pmin) == 0 in float32.
-    log_y = target.clamp_min(p_min).log().clamp_max(log_max)
-    log_not_y = (1 - target).clamp_min(p_min).log().clamp_max(log_max)
+    log_y, log_not_y = _label_logs(target, p_min)
     loss = -(torch.sigmoid(z) * log_y + torch.sigmoid(-z) * log_not_y)
     if not normalized:
         return loss
-    return loss / -(log_min + log_max)
+    return loss / _reverse_cross_entropy_normalizer(p_min)
+
+
+class _MaskLossFunction(torch.autograd.Function):
+    """MaskLoss's value and its gradient in one pass over the pixels.
+
+    Autograd through the elementwise functions records some 80 small kernels per call, which is
+    what a mask loss costs on a GPU, where it is launch-bound. The analytic gradient costs a few
+    more operations in the forward pass and a single multiply in the backward pass. With
+    ``p = sigmoid(z)``, ``q = 1 - p``, ``a = -log p``, ``b = -log q`` (``da/dz = -q``,
+    ``db/dz = p``) and the label logs ``A = log y*``, ``B = log(1 - y*)``:
+
+    - CE with weights ``u`` on ``a`` and ``v`` on ``b``: ``d(u a + v b)/dz = v p - u q``;
+    - normalized, ``NCE = CE / (a + b)``: ``dNCE/dz = (v p - u q - NCE (p - q)) / (a + b)``;
+    - ``RCE = -(p A + q B)``: ``dRCE/dz = -p q (A - B)``;
+    - ``MAE = |p - y|``: ``dMAE/dz = sign(p - y) p q``;
+
+    and zero where ``|z|`` is beyond the clip of p at ``[Pmin, 1 - Pmin]``. The value is the
+    same as the weighted sum of :func:`cross_entropy`, :func:`reverse_cross_entropy` and
+    :func:`mae`; tests check both value and gradient against autograd through those.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        z: Tensor,
+        y: Tensor,
+        weights: tuple[float, float, float, float],
+        normalized: bool,
+        p_min: float,
+        hard_threshold: float,
+    ) -> Tensor:
+        bce, sce, rce, mae_weight = weights
+        z_max = _logit_bound(p_min)
+        z_clipped = z.clamp(-z_max, z_max)
+        p, q = torch.sigmoid(z_clipped), torch.sigmoid(-z_clipped)
+        # Each term is averaged before it is weighted and summed: scalar arithmetic instead of
+        # full-size additions.
+        loss = z.new_zeros(())
+        grad = torch.zeros_like(z)
+        if bce or sce:
+            # Cross entropy is linear in its target, so bce * H(hard, p) + sce * H(y, p) is one
+            # cross entropy whose weights on log p and log(1 - p) add up both targets' weights.
+            on_p = sce * y
+            if bce:
+                on_p = on_p + bce * (y >= hard_threshold).to(z.dtype)
+            on_not_p = (bce + sce) - on_p
+            log_p, log_q = F.logsigmoid(z_clipped), F.logsigmoid(-z_clipped)
+            cross_entropy_value = _cross_entropy(log_p, log_q, on_p, on_not_p, normalized)
+            cross_entropy_grad = on_not_p * p - on_p * q
+            if normalized:
+                cross_entropy_grad = (cross_entropy_grad - cross_entropy_value * (p - q)) / (
+                    -(log_p + log_q)
+                )
+            loss = loss + cross_entropy_value.mean()
+            grad = grad + cross_entropy_grad
+        if rce or mae_weight:
+            p_q = p * q
+        if rce:
+            scale = rce / (_reverse_cross_entropy_normalizer(p_min) if normalized else 1.0)
+            log_y, log_not_y = _label_logs(y, p_min)
+            loss = loss + scale * (-(p * log_y + q * log_not_y)).mean()
+            grad = grad - scale * p_q * (log_y - log_not_y)
+        if mae_weight:
+            difference = p - y
+            loss = loss + mae_weight * difference.abs().mean()
+            grad = grad + mae_weight * difference.sign() * p_q
+        grad = grad.masked_fill_(z.abs() > z_max, 0) / z.numel()
+        ctx.save_for_backward(grad)
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+        (grad,) = ctx.saved_tensors
+        return grad_output * grad, None, None, None, None, None
