@@ -1,0 +1,22 @@
+"""IMaskRCNN (torchvision Mask R-CNN subclass), its skip-connection mask head and soft targets."""
+
+from .backbone import BACKBONES, build_backbone, small_lesion_anchor_generator
+from .imaskrcnn import IMaskRCNN, probability_map
+from .mask_head import MaskPredictor, RoIAlignPair, SkipMaskHead
+from .roi_heads import SoftMaskRoIHeads, bce_mask_loss, soft_maskrcnn_loss
+from .transform import SoftMaskTransform
+
+__all__ = [
+    "BACKBONES",
+    "IMaskRCNN",
+    "MaskPredictor",
+    "RoIAlignPair",
+    "SkipMaskHead",
+    "SoftMaskRoIHeads",
+    "SoftMaskTransform",
+    "bce_mask_loss",
+    "build_backbone",
+    "probability_map",
+    "small_lesion_anchor_generator",
+    "soft_maskrcnn_loss",
+]
