@@ -1,0 +1,130 @@
+"""Checkpoints: written atomically, read with ``torch.load(weights_only=True)``.
+
+A checkpoint is a dict of tensors, numbers, strings, lists and dicts only::
+
+    {"step", "model", "optimizer", "scaler", "best": {"metric", "value", "step"},
+     "rng": [one state per rank], "config": the run's resolved config, "num_classes"}
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from bmlseg.losses import MaskLoss
+from bmlseg.models import IMaskRCNN
+
+# Keys of the loss config that are not MaskLoss arguments.
+_LOSS_META_KEYS = ("name", "label_kind")
+
+
+def build_model(
+    model: dict[str, Any], loss: dict[str, Any], num_classes: int, *, pretrained: bool = True
+) -> IMaskRCNN:
+    """IMaskRCNN from a model config and a loss config (plain dicts, as in a checkpoint).
+
+    ``pretrained=False`` skips ``backbone_weights``: for a model whose weights come from a
+    checkpoint right after.
+    """
+    mask_loss = MaskLoss(
+        **{key: value for key, value in loss.items() if key not in _LOSS_META_KEYS}
+    )
+    return IMaskRCNN(
+        num_classes,
+        backbone=model["backbone"],
+        image_size=model["image_size"],
+        mask_loss=mask_loss,
+        skip_connection=model["skip_connection"],
+        backbone_weights=model["backbone_weights"] if pretrained else None,
+        **model["maskrcnn_kwargs"],
+    )
+
+
+def save(path: Path, state: dict[str, Any]) -> Path:
+    """Write ``state`` to ``path`` under a temporary name, then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".tmp-{uuid.uuid4().hex[:8]}-{path.name}")
+    try:
+        torch.save(state, temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return path
+
+
+def load(path: str | os.PathLike, device: torch.device | str = "cpu") -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint")
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as error:
+        raise ValueError(f"{path}: not a readable bmlseg checkpoint ({error})") from error
+
+
+def model_from_checkpoint(
+    checkpoint: dict[str, Any], device: torch.device | str = "cpu"
+) -> IMaskRCNN:
+    """The trained model of a checkpoint, in eval mode."""
+    config = checkpoint["config"]
+    model = build_model(
+        config["model"], config["loss"], checkpoint["num_classes"], pretrained=False
+    )
+    model.load_state_dict(checkpoint["model"])
+    return model.to(device).eval()
+
+
+def non_finite_parameters(model: nn.Module) -> list[str]:
+    """Names of parameters and buffers holding NaN or infinity."""
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    return [
+        name
+        for name, tensor in tensors
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+    ]
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, numpy, torch and CUDA generator states, as plain types and tensors."""
+    version, numpy_keys, position, has_gauss, cached_gaussian = np.random.get_state()  # noqa: NPY002
+    state = {
+        "python": random.getstate(),
+        "numpy": {
+            "version": version,
+            "keys": torch.from_numpy(numpy_keys.astype(np.int64)),
+            "position": int(position),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, keys, position, has_gauss, cached = (
+        state["numpy"][key]
+        for key in ("version", "keys", "position", "has_gauss", "cached_gaussian")
+    )
+    random.setstate(_as_tuples(state["python"]))
+    numpy_state = (version, keys.cpu().numpy().astype(np.uint32), position, has_gauss, cached)
+    np.random.set_state(numpy_state)  # noqa: NPY002
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([generator.cpu() for generator in state["cuda"]])
+
+
+def _as_tuples(value: Any) -> Any:
+    """random.setstate wants the nested tuples that a round trip may turn into lists."""
+    if isinstance(value, list | tuple):
+        return tuple(_as_tuples(item) for item in value)
+    return value

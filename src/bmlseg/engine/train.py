@@ -1,0 +1,515 @@
+"""The training loop: one run of IMaskRCNN on a dataset folder, from config to summary.json.
+
+Step-based, in the spirit of nanoGPT's train.py: Adam with a linear warm-up, gradient clipping,
+optional mixed precision on CUDA, DDP under torchrun, validation every ``eval_every`` steps,
+checkpoints that a killed run resumes from, and a final evaluation on the test split.
+
+Outputs in ``run_dir`` (rank 0 only)::
+
+    metrics.csv              one row per validation: step, lr, mean train losses, val metrics
+    checkpoints/last.pt      the latest state (model, optimizer, scaler, step, RNG, config)
+    checkpoints/best.pt      the state with the best val ``train.best_metric``
+    summary.json             test metrics of best.pt, loss weights, label method, ...
+    predictions.png          a few test slices: image, truth, predicted probability
+    tensorboard/             with train.tensorboard=true
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import random
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+from bmlseg import labels as soft_labels
+from bmlseg.data.format import read_dataset_json, write_text_atomic
+from bmlseg.data.slices import SliceDataset, collate_detection
+from bmlseg.engine import checkpoint as checkpoints
+from bmlseg.engine import distributed
+from bmlseg.engine.evaluate import autocast_dtype, evaluate_cases, split_cases, write_run_outputs
+
+log = logging.getLogger(__name__)
+
+MODEL_TARGET_KEYS = ("boxes", "labels", "masks")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training stopped after too many steps in a row with a non-finite loss or gradient."""
+
+
+def train(cfg: DictConfig, run_dir: str | Path) -> float:
+    """Train the run described by ``cfg`` (a composed ``train.yaml``) into ``run_dir``.
+
+    Returns:
+        The best validation value of ``train.best_metric`` (what a Hydra sweeper optimizes).
+    """
+    context = distributed.setup(cfg.train.device)
+    try:
+        return _train(cfg, Path(context.broadcast(str(run_dir))), context)
+    finally:
+        distributed.teardown(context)
+
+
+def _train(cfg: DictConfig, run_dir: Path, context: distributed.Distributed) -> float:
+    started = time.perf_counter()
+    settings = cfg.train
+    device = context.device
+    seed_everything(cfg.seed + context.rank, deterministic=settings.deterministic)
+
+    label_method = label_method_for(cfg)
+    if context.is_main:
+        ensure_labels(cfg, label_method)
+    context.barrier()
+
+    train_set = make_dataset(cfg, "train", label_method)
+    info = read_dataset_json(cfg.data.root)
+    num_classes = train_set.num_classes
+    config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    model = checkpoints.build_model(config["model"], config["loss"], num_classes).to(device)
+    optimizer = torch.optim.Adam(
+        model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay
+    )
+    precision = autocast_dtype(settings.amp.value, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == torch.float16)
+    log.info(
+        "run %s: %s on %s (%d process(es)), %s labels, autocast %s",
+        run_dir,
+        config["loss"]["name"],
+        device,
+        context.world_size,
+        label_method,
+        precision,
+    )
+
+    checkpoint_dir = run_dir / "checkpoints"
+    start_step = 0
+    best = {"metric": settings.best_metric.value, "value": -math.inf, "step": 0}
+    if settings.resume:
+        resumed = resume(checkpoint_dir / "last.pt", model, optimizer, scaler, context)
+        if resumed is not None:
+            start_step, best = resumed
+    if start_step >= settings.steps:
+        log.info("nothing to train: resumed at step %d of %d", start_step, settings.steps)
+
+    trained = model
+    if context.enabled:
+        trained = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    batches = training_batches(train_set, cfg, context, start_step)
+    metrics_log = MetricsLog(run_dir / "metrics.csv", keep_until=start_step)
+    writer = _tensorboard(run_dir) if settings.tensorboard and context.is_main else None
+    val_cases = split_cases(info, "val", settings.val_max_cases)
+
+    def save_state(step: int, names: list[str]) -> None:
+        state = {
+            "step": step,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(),
+            "best": dict(best),
+            "rng": gather_rng_states(context),
+            "config": config,
+            "num_classes": num_classes,
+            "label_method": label_method,
+        }
+        if not context.is_main:
+            return
+        bad = checkpoints.non_finite_parameters(model)
+        if bad:
+            raise NonFiniteLossError(
+                f"step {step}: parameters {bad[:3]} are not finite; no checkpoint written"
+            )
+        for name in names:
+            checkpoints.save(checkpoint_dir / name, state)
+
+    model.train()
+    running: dict[str, float] = {}
+    counted = 0
+    non_finite_in_a_row = 0
+    progress = tqdm(
+        total=settings.steps, initial=start_step, desc="train", disable=not context.is_main
+    )
+    for step in range(start_step + 1, settings.steps + 1):
+        lr = learning_rate(step, settings)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        images, targets = to_device(next(batches), device)
+        # The forward pass already moves BatchNorm's running statistics: keep them to undo a
+        # skipped step entirely.
+        buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
+        with torch.autocast(device.type, dtype=precision, enabled=precision is not None):
+            losses = trained(images, targets)
+        loss = sum(losses.values())
+        updated = optimizer_step(loss, model, optimizer, scaler, settings.clip_grad_norm, context)
+        if not updated:
+            model.load_state_dict(buffers, strict=False)
+        progress.update(1)
+
+        if updated:
+            non_finite_in_a_row = 0
+            for name, value in {"loss": loss, **losses}.items():
+                running[name] = running.get(name, 0.0) + float(value.detach())
+            counted += 1
+        else:
+            non_finite_in_a_row += 1
+            log.warning(
+                "step %d: non-finite loss or gradient (%s); step skipped (%d in a row)",
+                step,
+                {name: float(value.detach()) for name, value in losses.items()},
+                non_finite_in_a_row,
+            )
+            if non_finite_in_a_row >= settings.max_nonfinite_steps:
+                raise NonFiniteLossError(
+                    f"step {step}: {non_finite_in_a_row} steps in a row had a non-finite loss or "
+                    "gradient; stopping (lower train.lr, raise train.warmup_steps, or check the "
+                    "labels). The last good checkpoint is kept."
+                )
+
+        if counted and step % settings.log_every == 0 and context.is_main:
+            means = {name: total / counted for name, total in running.items()}
+            progress.set_postfix(loss=f"{means['loss']:.3f}", lr=f"{lr:.2e}")
+            if writer is not None:
+                for name, value in means.items():
+                    writer.add_scalar(f"train/{name}", value, step)
+
+        is_last = step == settings.steps
+        new_best = False
+        if step % settings.eval_every == 0 or is_last:
+            if context.is_main:
+                scores = validate(model, cfg, val_cases, device, precision)
+                row = {
+                    "step": step,
+                    "lr": lr,
+                    **{name: total / max(counted, 1) for name, total in running.items()},
+                    **{f"val_{name}": value for name, value in scores.items()},
+                    "time_s": round(time.perf_counter() - started, 1),
+                }
+                metrics_log.append(row)
+                if writer is not None:
+                    for name, value in scores.items():
+                        writer.add_scalar(f"val/{name}", value, step)
+                value = scores[best["metric"]]
+                # >=: on ties the later, longer-trained state wins; NaN (nothing to score) ranks
+                # lowest, and the first validation always makes a best.pt.
+                new_best = (-math.inf if math.isnan(value) else value) >= best["value"]
+                if new_best:
+                    best.update(value=-math.inf if math.isnan(value) else value, step=step)
+                log.info(
+                    "step %d: train loss %.4f, val %s %.4f (best %.4f at step %d)",
+                    step,
+                    row.get("loss", math.nan),
+                    best["metric"],
+                    value,
+                    best["value"],
+                    best["step"],
+                )
+            new_best = context.broadcast(new_best)
+            running, counted = {}, 0
+        names = (["last.pt"] if step % settings.checkpoint_every == 0 or is_last else []) + (
+            ["best.pt"] if new_best else []
+        )
+        if names:
+            save_state(step, names)
+            context.barrier()
+    progress.close()
+    if writer is not None:
+        writer.close()
+
+    if context.is_main:
+        finish(cfg, run_dir, checkpoint_dir, device, precision, started)
+    context.barrier()
+    return float(best["value"])
+
+
+def finish(
+    cfg: DictConfig,
+    run_dir: Path,
+    checkpoint_dir: Path,
+    device: torch.device,
+    precision: torch.dtype | None,
+    started: float,
+) -> None:
+    """Evaluate best.pt on the test split; write summary.json and predictions.png."""
+    state = checkpoints.load(checkpoint_dir / "best.pt", device)
+    model = checkpoints.model_from_checkpoint(state, device)
+    info = read_dataset_json(cfg.data.root)
+    cases = split_cases(info, "test", cfg.train.test_max_cases)
+    scores, examples = evaluate_cases(
+        model,
+        cfg.data.root,
+        cases,
+        crop_size=cfg.data.crop_size,
+        device=device,
+        batch_size=cfg.train.eval_batch_size,
+        score_threshold=cfg.train.score_threshold,
+        mask_threshold=cfg.train.mask_threshold,
+        precision=precision,
+        preview_slices=cfg.train.preview_slices,
+        description="test",
+    )
+    write_run_outputs(
+        run_dir,
+        scores,
+        examples,
+        state,
+        seed=cfg.seed,
+        split="test",
+        steps=cfg.train.steps,
+        wall_time_s=time.perf_counter() - started,
+    )
+    log.info("test: %s", {key: round(value, 4) for key, value in scores.items()})
+
+
+def validate(
+    model: nn.Module,
+    cfg: DictConfig,
+    cases: list[str],
+    device: torch.device,
+    precision: torch.dtype | None,
+) -> dict[str, float]:
+    """Volume metrics of the model on the validation cases; leaves the model in train mode."""
+    model.eval()
+    try:
+        scores, _ = evaluate_cases(
+            model,
+            cfg.data.root,
+            cases,
+            crop_size=cfg.data.crop_size,
+            device=device,
+            batch_size=cfg.train.eval_batch_size,
+            score_threshold=cfg.train.score_threshold,
+            mask_threshold=cfg.train.mask_threshold,
+            precision=precision,
+            preview_slices=0,
+            description="val",
+        )
+    finally:
+        model.train()
+    return scores
+
+
+def optimizer_step(
+    loss: Tensor,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    clip_grad_norm: float | None,
+    context: distributed.Distributed,
+) -> bool:
+    """Backward, clip, step. False (nothing changed) when the loss or the gradient is not finite.
+
+    Every rank takes the same branch: a rank that skipped backward would leave the others
+    waiting in DDP's gradient all-reduce.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    if not context.all_true(bool(torch.isfinite(loss.detach()))):
+        return False
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm or math.inf)
+    if scaler.is_enabled():
+        # fp16: the scaler skips the update on inf/NaN gradients and lowers its scale.
+        scaler.step(optimizer)
+        scaler.update()
+        return True
+    if not context.all_true(bool(torch.isfinite(norm))):
+        optimizer.zero_grad(set_to_none=True)
+        return False
+    optimizer.step()
+    return True
+
+
+def learning_rate(step: int, settings: DictConfig) -> float:
+    """Linear warm-up over the first ``warmup_steps`` steps (1-based), then constant."""
+    if step <= settings.warmup_steps:
+        return settings.lr * step / settings.warmup_steps
+    return settings.lr
+
+
+def label_method_for(cfg: DictConfig) -> str:
+    """Soft losses train on ``labels.method``; binary ones on ``binary_labels``."""
+    return cfg.binary_labels if cfg.loss.label_kind.value == "binary" else cfg.labels.method
+
+
+def ensure_labels(cfg: DictConfig, method: str) -> None:
+    """Write the label volumes the run needs, if missing (idempotent, so sweeps just work)."""
+    options = OmegaConf.to_container(cfg.labels.options) if method == cfg.labels.method else {}
+    soft_labels.generate(cfg.data.root, method, **options)
+
+
+def make_dataset(cfg: DictConfig, split: str, label_method: str) -> SliceDataset:
+    data = cfg.data
+    return SliceDataset(
+        data.root,
+        split,
+        label_method,
+        crop_size=data.crop_size,
+        mirror=data.mirror,
+        lesion_free_ratio=data.lesion_free_ratio,
+        per_bone_classes=data.per_bone_classes,
+        seed=cfg.seed,
+    )
+
+
+def training_batches(
+    dataset: SliceDataset, cfg: DictConfig, context: distributed.Distributed, start_step: int
+) -> Iterator[Any]:
+    """Endless batches. Epoch ``e``'s order and mirroring depend only on (seed, e), so a run
+    resumed at ``start_step`` draws the batches an uninterrupted run would have drawn."""
+    batch_size = cfg.train.batch_size
+    sampler = DistributedSampler(
+        dataset,
+        num_replicas=context.world_size,
+        rank=context.rank,
+        shuffle=True,
+        seed=cfg.seed,
+        drop_last=True,
+    )
+    per_epoch = len(sampler) // batch_size
+    if per_epoch == 0:
+        raise ValueError(
+            f"{cfg.data.root}: the train split has {len(dataset)} training slices, fewer than "
+            f"train.batch_size ({batch_size}) x processes ({context.world_size})"
+        )
+    epoch, skip = divmod(start_step, per_epoch)
+    while True:
+        sampler.set_epoch(epoch)
+        dataset.set_epoch(epoch)
+        order = list(sampler)[skip * batch_size : per_epoch * batch_size]
+        generator = torch.Generator()
+        generator.manual_seed(int(np.random.SeedSequence([cfg.seed, epoch]).generate_state(1)[0]))
+        loader = DataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=order,
+            num_workers=cfg.data.num_workers,
+            collate_fn=collate_detection,
+            worker_init_fn=seed_worker,
+            generator=generator,
+            pin_memory=context.device.type == "cuda",
+            drop_last=True,
+        )
+        yield from loader
+        epoch, skip = epoch + 1, 0
+
+
+def to_device(
+    batch: tuple[list[Tensor], list[dict[str, Any]]], device: torch.device
+) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
+    """Images and the model's target keys (boxes, labels, soft masks) on ``device``."""
+    images, targets = batch
+    images = [image.to(device, non_blocking=True) for image in images]
+    targets = [{key: target[key].to(device) for key in MODEL_TARGET_KEYS} for target in targets]
+    return images, targets
+
+
+def resume(
+    path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    context: distributed.Distributed,
+) -> tuple[int, dict[str, Any]] | None:
+    """Restore model, optimizer, scaler and RNG from ``path``; None when there is none yet."""
+    if not path.exists():
+        log.warning("train.resume: %s does not exist; starting from step 0", path)
+        return None
+    state = checkpoints.load(path, context.device)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    rng = state["rng"]
+    if len(rng) == context.world_size:
+        checkpoints.set_rng_state(rng[context.rank])
+    else:
+        log.warning(
+            "checkpoint saved with %d process(es), resuming with %d: RNG re-seeded",
+            len(rng),
+            context.world_size,
+        )
+        seed_everything(state["config"]["seed"] + state["step"] + context.rank)
+    log.info("resumed from %s at step %d", path, state["step"])
+    return int(state["step"]), dict(state["best"])
+
+
+def gather_rng_states(context: distributed.Distributed) -> list[dict[str, Any]]:
+    """Every rank's RNG states, in rank order (all ranks must call this)."""
+    state = checkpoints.rng_state()
+    if not context.enabled:
+        return [state]
+    gathered: list[Any] = [None] * context.world_size
+    torch.distributed.all_gather_object(gathered, state)
+    return gathered
+
+
+def seed_everything(seed: int, *, deterministic: bool = False) -> None:
+    """Seed python, numpy's global generator (for any library drawing from it) and torch."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)  # noqa: NPY002
+    torch.manual_seed(seed)
+    if deterministic:
+        # Mask R-CNN's RoIAlign backward has no deterministic CUDA kernel: warn, don't fail.
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+def seed_worker(worker_id: int) -> None:
+    """DataLoader workers: numpy and python seeded from the worker's torch seed."""
+    worker_seed = torch.initial_seed() % 2**32
+    np.random.seed(worker_seed)  # noqa: NPY002
+    random.seed(worker_seed)
+
+
+class MetricsLog:
+    """metrics.csv: one row per validation, rewritten atomically on each append.
+
+    On resume, rows after the resumed step (written by the killed run after its last
+    checkpoint) are dropped, so the file reads as one uninterrupted run.
+    """
+
+    def __init__(self, path: Path, keep_until: int) -> None:
+        self.path = path
+        self.rows: list[dict[str, Any]] = []
+        if keep_until > 0 and path.exists():
+            with path.open(newline="") as handle:
+                self.rows = [
+                    row for row in csv.DictReader(handle) if int(row["step"]) <= keep_until
+                ]
+
+    def append(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        columns = list(dict.fromkeys(key for existing in self.rows for key in existing))
+        lines = [",".join(columns)]
+        lines += [
+            ",".join(_csv_value(row.get(column, "")) for column in columns) for row in self.rows
+        ]
+        write_text_atomic(self.path, "\n".join(lines) + "\n")
+
+
+def _csv_value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def _tensorboard(run_dir: Path) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as error:
+        raise ImportError(
+            "train.tensorboard=true needs the tensorboard package: pip install 'bmlseg[tensorboard]'"
+        ) from error
+    return SummaryWriter(str(run_dir / "tensorboard"))

@@ -1,0 +1,152 @@
+"""Hydra composition of every config group option, the experiments, and schema errors."""
+
+from __future__ import annotations
+
+import importlib.util
+from importlib.resources import files
+
+import pytest
+from hydra import compose, initialize_config_module
+from hydra.errors import ConfigCompositionException, MissingConfigException
+from omegaconf import OmegaConf
+from omegaconf.errors import MissingMandatoryValue
+
+from bmlseg.config import register_configs
+
+CONF = files("bmlseg.conf")
+TABLE1_LOSSES = [
+    "baseline_bce",
+    "apl_binary",
+    "apl_binary_bce2",
+    "soft_baseline",
+    "apl_soft",
+    "apl_soft_sce2",
+    "apl_soft_bce",
+    "apl_soft_bce2",
+]
+
+
+def installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # its parent package (hydra_plugins) is absent too
+        return False
+
+
+def options(group: str) -> list[str]:
+    return sorted(
+        item.name[: -len(".yaml")]
+        for item in CONF.joinpath(group).iterdir()
+        if item.name.endswith(".yaml")
+    )
+
+
+@pytest.fixture(scope="module", autouse=True)
+def hydra_conf():
+    register_configs()
+    with initialize_config_module("bmlseg.conf", version_base="1.3"):
+        yield
+
+
+def test_train_defaults_compose_to_the_documented_run():
+    cfg = compose("train")
+    assert cfg.data.root == "data/synthetic"
+    assert cfg.labels.method == "kimriss"
+    assert cfg.model.name == "imaskrcnn_r18"
+    assert cfg.loss.name == "apl_soft_bce"
+    assert cfg.train.name == "cpu"
+    assert cfg.binary_labels == "binary_majority"
+    assert cfg.model.image_size == cfg.data.crop_size
+
+
+@pytest.mark.parametrize(
+    "group", ["data", "labels", "model", "loss", "train"], ids=lambda group: group
+)
+def test_every_option_of_every_group_composes(group):
+    found = options(group)
+    assert found, f"conf/{group} holds no option"
+    for option in found:
+        cfg = compose("train", overrides=[f"{group}={option}"])
+        # Resolving everything catches bad interpolations and values outside the schema.
+        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+        if group in ("model", "loss", "train"):
+            assert cfg[group].name == option
+
+
+def test_loss_presets_pick_the_label_kind_of_table1():
+    kinds = {
+        name: compose("train", overrides=[f"loss={name}"]).loss.label_kind.value
+        for name in TABLE1_LOSSES
+    }
+    assert kinds == {
+        name: "binary" if name.startswith(("baseline", "apl_binary")) else "soft"
+        for name in TABLE1_LOSSES
+    }
+
+
+def test_table1_experiment_sweeps_all_eight_losses_at_paper_scale():
+    cfg = compose("train", overrides=["experiment=table1"], return_hydra_config=True)
+    assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
+    assert cfg.hydra.sweeper.params.loss.split(",") == TABLE1_LOSSES
+    assert set(TABLE1_LOSSES) <= set(options("loss"))
+    assert cfg.train.name == "paper"
+    assert (cfg.train.lr, cfg.train.steps, cfg.train.batch_size) == (1e-3, 200 * 200, 2)
+    assert cfg.model.backbone == "resnet50"
+    assert cfg.data.crop_size == cfg.model.image_size == 320
+
+
+def test_demo_experiment_compares_baseline_with_apl_soft_labels():
+    cfg = compose("train", overrides=["experiment=demo"], return_hydra_config=True)
+    assert cfg.hydra.sweeper.params.loss.split(",") == ["baseline_bce", "apl_soft_bce"]
+    assert cfg.train.name == "cpu"
+
+
+@pytest.mark.skipif(
+    not installed("hydra_plugins.hydra_optuna_sweeper"),
+    reason="hydra-optuna-sweeper is not installed (extra [optuna])",
+)
+def test_optuna_experiment_composes():
+    cfg = compose("train", overrides=["experiment=optuna_loss"], return_hydra_config=True)
+    assert set(cfg.hydra.sweeper.params) == {"loss.bce", "loss.sce", "loss.rce"}
+
+
+@pytest.mark.skipif(
+    not installed("hydra_plugins.hydra_submitit_launcher"),
+    reason="hydra-submitit-launcher is not installed (extra [slurm])",
+)
+def test_slurm_launcher_composes():
+    cfg = compose("train", overrides=["hydra/launcher=slurm"], return_hydra_config=True)
+    assert cfg.hydra.launcher.gpus_per_node == 1
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["loss.bcee=1", "train.amp=fp61", "train.steps=many", "data.crop=64", "seed=one"],
+)
+def test_a_mistyped_override_is_an_error(override):
+    with pytest.raises(ConfigCompositionException):
+        compose("train", overrides=[override])
+
+
+def test_an_unknown_option_is_an_error():
+    with pytest.raises(MissingConfigException, match="loss/apl_sofft"):
+        compose("train", overrides=["loss=apl_sofft"])
+
+
+def test_loss_weight_overrides_keep_their_type():
+    cfg = compose("train", overrides=["loss=apl_binary", "loss.bce=2", "loss.rce=0"])
+    assert (cfg.loss.bce, cfg.loss.rce) == (2.0, 0.0)
+    assert isinstance(cfg.loss.bce, float)
+
+
+def test_tool_configs_compose_and_require_their_inputs():
+    evaluate = compose("evaluate", overrides=["checkpoint=run/checkpoints/best.pt"])
+    assert evaluate.split == "test" and evaluate.data.root is None
+    predict = compose("predict", overrides=["checkpoint=c.pt", "input=a.nii.gz", "bones=b.nii.gz"])
+    assert predict.output_dir == "predictions"
+    labels = compose("labels", overrides=["labels=staple"])
+    assert labels.labels.method == "staple" and labels.evaluate is False
+    synth = compose("synth", overrides=["n_subjects=2"])
+    assert (synth.n_subjects, synth.preset) == (2, "small")
+    with pytest.raises(MissingMandatoryValue):
+        _ = compose("evaluate").checkpoint

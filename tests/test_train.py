@@ -1,0 +1,262 @@
+"""Training runs end to end on a tiny synthetic dataset: outputs, resume, the non-finite guard,
+DDP, and the console scripts that read a run (bmlseg-eval, bmlseg-predict, bmlseg-report)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+
+from bmlseg.config import register_configs
+from bmlseg.engine import checkpoint as checkpoints
+from bmlseg.engine.distributed import setup
+from bmlseg.engine.train import NonFiniteLossError, resume, train
+from bmlseg.io import read_volume
+
+BIN = Path(sys.executable).parent
+TABLE1_LOSSES = [
+    "baseline_bce",
+    "apl_binary",
+    "apl_binary_bce2",
+    "soft_baseline",
+    "apl_soft",
+    "apl_soft_sce2",
+    "apl_soft_bce",
+    "apl_soft_bce2",
+]
+SUMMARY_KEYS = {"dice", "precision", "recall", "iou", "ap50", "ap75", "ece", "volume_mae_ml"}
+# Tiny runs: 64-pixel crops, 2 steps, one validation and one test volume.
+TINY = ["train=smoke", "data.crop_size=64"]
+
+pytestmark = pytest.mark.slow
+
+
+def run(*command: str, cwd: Path, expect_ok: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600)
+    if expect_ok:
+        assert result.returncode == 0, f"{command} failed:\n{result.stderr[-3000:]}"
+    return result
+
+
+@pytest.fixture(scope="module")
+def dataset(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A writable copy of the session's synthetic dataset (runs add softlabels/ to it)."""
+    root = tmp_path_factory.mktemp("train_data") / "data"
+    shutil.copytree(synthetic_root, root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def sweep(dataset: Path, tmp_path_factory: pytest.TempPathFactory):
+    """All eight Table I presets as one Hydra multirun with the basic launcher."""
+    work = tmp_path_factory.mktemp("sweep")
+    run(
+        str(BIN / "bmlseg-train"),
+        "-m",
+        f"loss={','.join(TABLE1_LOSSES)}",
+        *TINY,
+        f"data.root={dataset}",
+        f"hydra.sweep.dir={work / 'sweep'}",
+        cwd=work,
+    )
+    yield work / "sweep"
+    # Checkpoints of even a tiny IMaskRCNN are hundreds of MB: don't leave them in /tmp.
+    for path in (work / "sweep").rglob("*.pt"):
+        path.unlink()
+
+
+def run_dirs(sweep: Path) -> dict[str, Path]:
+    return {
+        path.name.split("_", 1)[1].rsplit("_seed", 1)[0]: path
+        for path in sweep.iterdir()
+        if path.is_dir()
+    }
+
+
+def test_each_preset_of_a_sweep_writes_every_run_output(sweep: Path):
+    runs = run_dirs(sweep)
+    assert sorted(runs) == sorted(TABLE1_LOSSES)
+    for name, run_dir in runs.items():
+        assert (run_dir / ".hydra" / "config.yaml").is_file()
+        with (run_dir / "metrics.csv").open() as handle:
+            rows = list(csv.DictReader(handle))
+        assert [int(row["step"]) for row in rows] == [2]
+        assert math.isfinite(float(rows[0]["loss"]))
+        assert "val_dice" in rows[0]
+        for checkpoint in ("last.pt", "best.pt"):
+            state = checkpoints.load(run_dir / "checkpoints" / checkpoint)
+            assert state["step"] == 2
+            assert state["config"]["loss"]["name"] == name
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert SUMMARY_KEYS <= summary.keys()
+        assert summary["loss"]["name"] == name
+        assert summary["label_method"] == (
+            "binary_majority" if summary["loss"]["label_kind"] == "binary" else "kimriss"
+        )
+        assert summary["steps"] == 2 and summary["run_dir"] == str(run_dir.resolve())
+        assert (run_dir / "predictions.png").stat().st_size > 0
+
+
+def test_a_run_trains_on_the_labels_of_its_loss_kind(sweep: Path, dataset: Path):
+    labels = {path.name for path in (dataset / "softlabels").iterdir() if path.is_dir()}
+    assert labels == {"binary_majority", "kimriss"}
+    config = json.loads((run_dirs(sweep)["apl_binary_bce2"] / "summary.json").read_text())
+    assert (config["loss"]["bce"], config["loss"]["rce"]) == (2.0, 1.0)
+
+
+def test_eval_cli_reproduces_the_test_metrics_of_training(sweep: Path, dataset: Path, tmp_path):
+    run_dir = run_dirs(sweep)["apl_soft_bce"]
+    run(
+        str(BIN / "bmlseg-eval"),
+        f"checkpoint={run_dir / 'checkpoints' / 'best.pt'}",
+        f"data.root={dataset}",
+        "max_cases=1",
+        f"hydra.run.dir={tmp_path / 'eval'}",
+        cwd=tmp_path,
+    )
+    evaluated = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    trained = json.loads((run_dir / "summary.json").read_text())
+    for key in SUMMARY_KEYS:
+        assert evaluated[key] == pytest.approx(trained[key], nan_ok=True), key
+    assert (tmp_path / "eval" / "predictions.png").is_file()
+
+
+def test_predict_cli_writes_volumes_in_the_input_geometry(sweep: Path, dataset: Path, tmp_path):
+    case = json.loads((dataset / "dataset.json").read_text())["cases"][0]["id"]
+    image_path = dataset / "images" / f"{case}.nii.gz"
+    result = run(
+        str(BIN / "bmlseg-predict"),
+        f"checkpoint={run_dirs(sweep)['baseline_bce'] / 'checkpoints' / 'last.pt'}",
+        f"input={image_path}",
+        f"bones={dataset / 'bones' / f'{case}.nii.gz'}",
+        f"output_dir={tmp_path / 'out'}",
+        cwd=tmp_path,
+    )
+    image, geometry = read_volume(image_path)
+    probability, probability_geometry = read_volume(tmp_path / "out" / f"{case}_bml_prob.nii.gz")
+    mask, mask_geometry = read_volume(tmp_path / "out" / f"{case}_bml_mask.nii.gz")
+    assert probability.shape == mask.shape == image.shape
+    assert probability_geometry == geometry and mask_geometry == geometry
+    assert probability.dtype == np.float32 and 0 <= probability.min() <= probability.max() <= 1
+    assert set(np.unique(mask)) <= {0, 1}
+    volumes = json.loads((tmp_path / "out" / f"{case}_bml_volume.json").read_text())
+    assert set(volumes["bml_volume_ml"]) == {"total", "femur", "tibia", "patella"}
+    assert "BML volume femur" in result.stdout
+
+
+def test_report_cli_tabulates_the_sweep(sweep: Path, tmp_path):
+    result = run(str(BIN / "bmlseg-report"), str(sweep), "--out", str(tmp_path), cwd=tmp_path)
+    for name in TABLE1_LOSSES:
+        assert name in result.stdout
+    assert (tmp_path / "report.md").is_file() and (tmp_path / "report.png").is_file()
+
+
+@pytest.fixture(scope="module")
+def hydra_conf():
+    register_configs()
+    with initialize_config_module("bmlseg.conf", version_base="1.3"):
+        yield
+
+
+def tiny_config(dataset: Path, *overrides: str):
+    return compose("train", overrides=[*TINY, f"data.root={dataset}", *overrides])
+
+
+def test_resume_continues_at_the_saved_step_with_the_saved_optimizer_state(
+    hydra_conf, dataset: Path, tmp_path
+):
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    train(tiny_config(dataset, "train.steps=3"), straight)
+    # A run stopped after step 2, then resumed to step 3 in the same folder.
+    train(tiny_config(dataset, "train.steps=2"), interrupted)
+    saved = checkpoints.load(interrupted / "checkpoints" / "last.pt")
+
+    config = saved["config"]
+    model = checkpoints.build_model(config["model"], config["loss"], saved["num_classes"])
+    optimizer = torch.optim.Adam(model.parameters())
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    step, best = resume(
+        interrupted / "checkpoints" / "last.pt", model, optimizer, scaler, setup("cpu")
+    )
+    assert (step, best["step"]) == (2, 2)
+    restored = optimizer.state_dict()["state"]
+    assert restored.keys() == saved["optimizer"]["state"].keys()
+    for index, state in saved["optimizer"]["state"].items():
+        for name, value in state.items():
+            assert torch.equal(restored[index][name], value), (index, name)
+
+    train(tiny_config(dataset, "train.steps=3", "train.resume=true"), interrupted)
+    resumed = checkpoints.load(interrupted / "checkpoints" / "last.pt")
+    reference = checkpoints.load(straight / "checkpoints" / "last.pt")
+    assert resumed["step"] == 3
+    # Adam counts its steps: 3 means the restored state was stepped once more, not restarted.
+    assert all(int(state["step"]) == 3 for state in resumed["optimizer"]["state"].values())
+    # Same batches, same RNG: the resumed run ends where the uninterrupted one did.
+    for name, value in reference["model"].items():
+        torch.testing.assert_close(resumed["model"][name], value, rtol=1e-4, atol=1e-5)
+    with (interrupted / "metrics.csv").open() as handle:
+        assert [int(row["step"]) for row in csv.DictReader(handle)] == [2, 3]
+
+
+def test_non_finite_losses_skip_steps_then_stop_without_a_bad_checkpoint(
+    hydra_conf, dataset: Path, tmp_path
+):
+    # Adam at lr 1e30 makes the weights ~1e30 after one step: every later loss is NaN.
+    cfg = tiny_config(
+        dataset,
+        "train.steps=6",
+        "train.lr=1e30",
+        "train.warmup_steps=0",
+        "train.checkpoint_every=1",
+        "train.eval_every=100",
+        "train.max_nonfinite_steps=2",
+    )
+    with pytest.raises(NonFiniteLossError, match="2 steps in a row"):
+        train(cfg, tmp_path)
+    # Step 1 trained; step 2 was skipped (weights unchanged) and checkpointed; step 3 stopped.
+    state = checkpoints.load(tmp_path / "checkpoints" / "last.pt")
+    assert state["step"] == 2
+    for name, value in state["model"].items():
+        if value.is_floating_point():
+            assert torch.isfinite(value).all(), name
+    assert not (tmp_path / "summary.json").exists()
+
+
+def test_ddp_with_two_cpu_processes_writes_one_set_of_outputs(dataset: Path, tmp_path):
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(BIN / "bmlseg-train"),
+            *TINY,
+            "train.steps=3",
+            f"data.root={dataset}",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=environment,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(path.name for path in tmp_path.rglob("*.pt")) == ["best.pt", "last.pt"]
+    assert len(list(tmp_path.rglob("summary.json"))) == 1
+    state = checkpoints.load(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert state["step"] == 3 and len(state["rng"]) == 2
+    with (tmp_path / "run" / "metrics.csv").open() as handle:
+        assert [int(row["step"]) for row in csv.DictReader(handle)] == [2, 3]
