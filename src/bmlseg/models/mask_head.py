@@ -69,11 +69,17 @@ class SkipMaskHead(nn.Module):
 
 
 class MaskPredictor(nn.Conv2d):
-    """Per-class 1x1 conv: [K, C, M, M] -> mask logits [K, num_classes, M, M]."""
+    """Per-class 1x1 conv: [K, C, M, M] -> mask logits [K, num_classes, M, M].
+
+    Initialized with small weights (std 0.001, as Detectron2's mask head), so training starts
+    from logits near 0. torchvision's fan-out Kaiming init gives this 1x1 conv weights of std 1
+    over 256 input channels: from scratch the skip head then starts with logits beyond +-46,
+    where the mask loss's clip at Pmin passes no gradient.
+    """
 
     def __init__(self, in_channels: int, num_classes: int) -> None:
         super().__init__(in_channels, num_classes, kernel_size=1)
-        nn.init.kaiming_normal_(self.weight, mode="fan_out", nonlinearity="relu")
+        nn.init.normal_(self.weight, std=0.001)
         nn.init.zeros_(self.bias)
 
 
