@@ -17,7 +17,9 @@ BIN = Path(sys.executable).parent
 
 
 def run(*command: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        command, cwd=cwd, capture_output=True, encoding="utf-8", errors="replace", timeout=300
+    )
 
 
 def test_synth_writes_a_dataset_that_check_accepts(tmp_path):
@@ -30,7 +32,7 @@ def test_synth_writes_a_dataset_that_check_accepts(tmp_path):
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    info = json.loads((tmp_path / "data" / "dataset.json").read_text())
+    info = json.loads((tmp_path / "data" / "dataset.json").read_text(encoding="utf-8"))
     assert len(info["cases"]) == 4 and info["generator"]["seed"] == 3
     assert (tmp_path / "data" / "preview.png").is_file()
     # A tool writes only what it is asked for: no Hydra output folder beside it.
@@ -57,12 +59,17 @@ def test_labels_writes_each_case_and_evaluates(synthetic_root: Path, tmp_path):
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    cases = [case["id"] for case in json.loads((root / "dataset.json").read_text())["cases"]]
+    cases = [
+        case["id"]
+        for case in json.loads((root / "dataset.json").read_text(encoding="utf-8"))["cases"]
+    ]
     written = sorted(
         path.name for path in (root / "softlabels" / "binary_majority").glob("*.nii.gz")
     )
     assert written == sorted(f"{case}.nii.gz" for case in cases)
-    assert "binary_majority" in (tmp_path / "quality" / "label_quality.md").read_text()
+    assert "binary_majority" in (tmp_path / "quality" / "label_quality.md").read_text(
+        encoding="utf-8"
+    )
 
 
 @pytest.mark.parametrize(

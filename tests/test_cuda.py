@@ -103,7 +103,7 @@ def test_training_run_on_cuda_with_amp_writes_a_finite_summary(amp, dataset: Pat
             ],
         )
     train(cfg, tmp_path)
-    summary = json.loads((tmp_path / "summary.json").read_text())
+    summary = json.loads((tmp_path / "summary.json").read_text(encoding="utf-8"))
     for key in ("dice", "precision", "recall", "iou", "ap50", "ap75", "ece", "volume_mae_ml"):
         assert key in summary
     state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True, map_location="cpu")

@@ -78,7 +78,7 @@ def listing(root: Path) -> dict[str, int]:
 
 def edit_json(root: Path, change) -> None:
     path = root / "dataset.json"
-    raw = json.loads(path.read_text())
+    raw = json.loads(path.read_text(encoding="utf-8"))
     change(raw)
     path.write_text(json.dumps(raw))
 
@@ -86,7 +86,7 @@ def edit_json(root: Path, change) -> None:
 def add_annotation_line(root: Path, line: str) -> int:
     """Append ``line`` to annotations.csv; its line number."""
     path = root / "annotations.csv"
-    text = path.read_text()
+    text = path.read_text(encoding="utf-8")
     path.write_text(text + line + "\n")
     return len(text.splitlines()) + 1
 
@@ -255,7 +255,7 @@ def test_bad_annotation_row_names_its_line(root, row, what):
 
 def test_annotation_header(root):
     path = root / "annotations.csv"
-    path.write_text(path.read_text().replace("x0,y0", "y0,x0", 1))
+    path.write_text(path.read_text(encoding="utf-8").replace("x0,y0", "y0,x0", 1))
     assert_one_problem(check(root), "annotations.csv line 1", "header must be")
 
 

@@ -1,5 +1,6 @@
 """Volume I/O: round trips with geometry, clear errors, atomic writes, files written elsewhere."""
 
+import locale
 import math
 import shutil
 
@@ -213,3 +214,14 @@ def test_single_dicom_file_reads_as_one_slice():
     assert array.shape == (1, reference.Rows, reference.Columns)
     np.testing.assert_array_equal(array[0], reference.pixel_array)
     np.testing.assert_allclose(geometry.origin, [float(v) for v in reference.ImagePositionPatient])
+
+
+def test_dicom_io_leaves_the_process_locale_as_it_was(tmp_path, rotated_geometry):
+    # GDCM sets the locale to "C", which would make ASCII Python's default text encoding.
+    before = locale.setlocale(locale.LC_ALL)
+    folder = write_dicom_series(
+        tmp_path / "series", np.zeros((3, 4, 5), np.int16), rotated_geometry
+    )
+    read_volume(folder)
+    read_volume(sorted(folder.iterdir())[0])
+    assert locale.setlocale(locale.LC_ALL) == before

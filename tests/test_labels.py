@@ -393,9 +393,11 @@ def test_evaluate_writes_table_csv_and_figure(synthetic_root, tmp_path):
     assert [row["method"] for row in rows] == methods
     assert all(row["cases"] == cases_with_masks > 0 for row in rows)
     assert all(0.0 <= row["soft_dice"] <= 1.0 for row in rows)
-    table = (tmp_path / "quality" / "label_quality.md").read_text()
+    table = (tmp_path / "quality" / "label_quality.md").read_text(encoding="utf-8")
     assert all(f"| {method} |" in table for method in methods)
-    csv_lines = (tmp_path / "quality" / "label_quality.csv").read_text().splitlines()
+    csv_lines = (
+        (tmp_path / "quality" / "label_quality.csv").read_text(encoding="utf-8").splitlines()
+    )
     assert csv_lines[0].startswith("method,cases,soft_dice") and len(csv_lines) == 4
     png = (tmp_path / "quality" / "label_quality.png").read_bytes()
     assert png.startswith(b"\x89PNG")

@@ -87,7 +87,7 @@ def test_write_report_files(tmp_path):
         "csv": tmp_path / "out",
         "png": tmp_path / "out",
     }
-    markdown = paths["md"].read_text()
+    markdown = paths["md"].read_text(encoding="utf-8")
     assert "| Method | BCE | SCE | RCE |" in markdown
     baseline_line = next(line for line in markdown.splitlines() if "baseline_bce" in line)
     # AP50 of the baseline runs: 0.14 and 0.18 -> 16.0 ± 2.8 %; Dice 0.10 and 0.14 -> 0.12 ± 0.03.
@@ -96,7 +96,7 @@ def test_write_report_files(tmp_path):
     assert "bin (binary_any)" in baseline_line
     assert baseline_line.endswith("| 2 |")
 
-    with paths["csv"].open() as handle:
+    with paths["csv"].open(encoding="utf-8") as handle:
         csv_rows = list(csv.DictReader(handle))
     assert [row["method"] for row in csv_rows] == ["baseline_bce", "apl_soft"]
     assert float(csv_rows[1]["ap50_mean"]) == pytest.approx(statistics.mean([0.34, 0.40]))
@@ -109,7 +109,7 @@ def test_write_report_files(tmp_path):
 def test_missing_key_names_file_and_key(tmp_path):
     sweep = write_sweep(tmp_path)
     broken = sweep / "2" / "summary.json"
-    summary = json.loads(broken.read_text())
+    summary = json.loads(broken.read_text(encoding="utf-8"))
     del summary["ece"]
     broken.write_text(json.dumps(summary))
     with pytest.raises(ValueError, match=rf"{broken}: missing key 'ece'"):

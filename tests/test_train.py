@@ -42,7 +42,9 @@ pytestmark = pytest.mark.slow
 
 
 def run(*command: str, cwd: Path, expect_ok: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        command, cwd=cwd, capture_output=True, encoding="utf-8", errors="replace", timeout=600
+    )
     if expect_ok:
         assert result.returncode == 0, f"{command} failed:\n{result.stderr[-3000:]}"
     return result
@@ -88,7 +90,7 @@ def test_each_preset_of_a_sweep_writes_every_run_output(sweep: Path):
     assert sorted(runs) == sorted(TABLE1_LOSSES)
     for name, run_dir in runs.items():
         assert (run_dir / ".hydra" / "config.yaml").is_file()
-        with (run_dir / "metrics.csv").open() as handle:
+        with (run_dir / "metrics.csv").open(encoding="utf-8") as handle:
             rows = list(csv.DictReader(handle))
         assert [int(row["step"]) for row in rows] == [2]
         assert math.isfinite(float(rows[0]["loss"]))
@@ -97,7 +99,7 @@ def test_each_preset_of_a_sweep_writes_every_run_output(sweep: Path):
             state = checkpoints.load(run_dir / "checkpoints" / checkpoint)
             assert state["step"] == 2
             assert state["config"]["loss"]["name"] == name
-        summary = json.loads((run_dir / "summary.json").read_text())
+        summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
         assert SUMMARY_KEYS <= summary.keys()
         assert summary["loss"]["name"] == name
         assert summary["label_method"] == (
@@ -110,7 +112,9 @@ def test_each_preset_of_a_sweep_writes_every_run_output(sweep: Path):
 def test_a_run_trains_on_the_labels_of_its_loss_kind(sweep: Path, dataset: Path):
     labels = {path.name for path in (dataset / "softlabels").iterdir() if path.is_dir()}
     assert labels == {"binary_majority", "kimriss"}
-    config = json.loads((run_dirs(sweep)["apl_binary_bce2"] / "summary.json").read_text())
+    config = json.loads(
+        (run_dirs(sweep)["apl_binary_bce2"] / "summary.json").read_text(encoding="utf-8")
+    )
     assert (config["loss"]["bce"], config["loss"]["rce"]) == (2.0, 1.0)
 
 
@@ -124,15 +128,15 @@ def test_eval_cli_reproduces_the_test_metrics_of_training(sweep: Path, dataset: 
         f"hydra.run.dir={tmp_path / 'eval'}",
         cwd=tmp_path,
     )
-    evaluated = json.loads((tmp_path / "eval" / "summary.json").read_text())
-    trained = json.loads((run_dir / "summary.json").read_text())
+    evaluated = json.loads((tmp_path / "eval" / "summary.json").read_text(encoding="utf-8"))
+    trained = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
     for key in SUMMARY_KEYS:
         assert evaluated[key] == pytest.approx(trained[key], nan_ok=True), key
     assert (tmp_path / "eval" / "predictions.png").is_file()
 
 
 def test_predict_cli_writes_volumes_in_the_input_geometry(sweep: Path, dataset: Path, tmp_path):
-    case = json.loads((dataset / "dataset.json").read_text())["cases"][0]["id"]
+    case = json.loads((dataset / "dataset.json").read_text(encoding="utf-8"))["cases"][0]["id"]
     image_path = dataset / "images" / f"{case}.nii.gz"
     result = run(
         str(BIN / "bmlseg-predict"),
@@ -149,7 +153,7 @@ def test_predict_cli_writes_volumes_in_the_input_geometry(sweep: Path, dataset: 
     assert probability_geometry == geometry and mask_geometry == geometry
     assert probability.dtype == np.float32 and 0 <= probability.min() <= probability.max() <= 1
     assert set(np.unique(mask)) <= {0, 1}
-    volumes = json.loads((tmp_path / "out" / f"{case}_bml_volume.json").read_text())
+    volumes = json.loads((tmp_path / "out" / f"{case}_bml_volume.json").read_text(encoding="utf-8"))
     assert set(volumes["bml_volume_ml"]) == {"total", "femur", "tibia", "patella"}
     assert "BML volume femur" in result.stdout
 
@@ -204,7 +208,7 @@ def test_resume_continues_at_the_saved_step_with_the_saved_optimizer_state(
     # Same batches, same RNG: the resumed run ends where the uninterrupted one did.
     for name, value in reference["model"].items():
         torch.testing.assert_close(resumed["model"][name], value, rtol=1e-4, atol=1e-5)
-    with (interrupted / "metrics.csv").open() as handle:
+    with (interrupted / "metrics.csv").open(encoding="utf-8") as handle:
         assert [int(row["step"]) for row in csv.DictReader(handle)] == [2, 3]
 
 
@@ -249,7 +253,8 @@ def test_ddp_with_two_cpu_processes_writes_one_set_of_outputs(dataset: Path, tmp
         ],
         cwd=tmp_path,
         capture_output=True,
-        text=True,
+        encoding="utf-8",
+        errors="replace",
         timeout=600,
         env=environment,
     )
@@ -258,5 +263,5 @@ def test_ddp_with_two_cpu_processes_writes_one_set_of_outputs(dataset: Path, tmp
     assert len(list(tmp_path.rglob("summary.json"))) == 1
     state = checkpoints.load(tmp_path / "run" / "checkpoints" / "last.pt")
     assert state["step"] == 3 and len(state["rng"]) == 2
-    with (tmp_path / "run" / "metrics.csv").open() as handle:
+    with (tmp_path / "run" / "metrics.csv").open(encoding="utf-8") as handle:
         assert [int(row["step"]) for row in csv.DictReader(handle)] == [2, 3]

@@ -34,6 +34,8 @@ def report_main() -> int:
     """bmlseg-report DIR: Table-I style report of every summary.json below DIR."""
     from bmlseg.report import main_report
 
+    # The table prints "mean ± std": on a terminal whose encoding lacks "±", print "?" instead.
+    sys.stdout.reconfigure(errors="replace")
     return main_report(sys.argv[1:])
 
 

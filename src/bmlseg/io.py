@@ -17,11 +17,14 @@ half-written file.
 from __future__ import annotations
 
 import gzip
+import locale
 import os
 import shutil
 import struct
 import uuid
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,7 +87,8 @@ def read_volume(path: str | os.PathLike) -> tuple[np.ndarray, Geometry]:
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or folder")
     try:
-        image = _read_dicom_series(path) if path.is_dir() else sitk.ReadImage(str(path))
+        with _process_locale_kept():
+            image = _read_dicom_series(path) if path.is_dir() else sitk.ReadImage(str(path))
     except RuntimeError as error:
         raise ValueError(f"{path}: SimpleITK cannot read it: {_reason(error)}") from error
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
@@ -176,16 +180,17 @@ def write_dicom_series(
     # Keep the UIDs set below: otherwise every slice gets a new series UID.
     writer.KeepOriginalImageUIDOn()
     try:
-        for index in range(array.shape[0]):
-            slice_image = image[:, :, index]
-            for tag, value in shared_tags.items():
-                slice_image.SetMetaData(tag, value)
-            position = image.TransformIndexToPhysicalPoint((0, 0, index))
-            slice_image.SetMetaData("0020|0032", "\\".join(map(_decimal_string, position)))
-            slice_image.SetMetaData("0020|0013", str(index + 1))  # InstanceNumber
-            slice_image.SetMetaData("0008|0018", _dicom_uid())  # SOPInstanceUID
-            writer.SetFileName(str(staging / f"{index:05d}.dcm"))
-            writer.Execute(slice_image)
+        with _process_locale_kept():
+            for index in range(array.shape[0]):
+                slice_image = image[:, :, index]
+                for tag, value in shared_tags.items():
+                    slice_image.SetMetaData(tag, value)
+                position = image.TransformIndexToPhysicalPoint((0, 0, index))
+                slice_image.SetMetaData("0020|0032", "\\".join(map(_decimal_string, position)))
+                slice_image.SetMetaData("0020|0013", str(index + 1))  # InstanceNumber
+                slice_image.SetMetaData("0008|0018", _dicom_uid())  # SOPInstanceUID
+                writer.SetFileName(str(staging / f"{index:05d}.dcm"))
+                writer.Execute(slice_image)
         _replace_folder(staging, folder)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -212,6 +217,20 @@ def _replace_folder(new: Path, target: Path) -> None:
         shutil.rmtree(retired)
     else:
         os.replace(new, target)
+
+
+@contextmanager
+def _process_locale_kept() -> Iterator[None]:
+    """Undo GDCM's change of the process locale.
+
+    GDCM (SimpleITK's DICOM I/O) sets the locale to "C", which makes ASCII the default text
+    encoding of everything the process does afterwards, e.g. ``open()`` and ``subprocess``.
+    """
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        yield
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
 
 
 def _read_dicom_series(folder: Path) -> sitk.Image:

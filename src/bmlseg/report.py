@@ -64,7 +64,7 @@ def _check_number(value: Any, path: Path, key: str) -> None:
 
 def _read_summary(path: Path) -> dict[str, Any]:
     try:
-        summary = json.loads(path.read_text())
+        summary = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise ValueError(f"{path}: not valid JSON ({error})") from error
     if not isinstance(summary, dict):
@@ -269,6 +269,6 @@ def main_report(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as error:
         print(f"bmlseg-report: error: {error}", file=sys.stderr)
         return 1
-    print(paths["md"].read_text(), end="")
+    print(paths["md"].read_text(encoding="utf-8"), end="")
     print(f"\nwrote {paths['md']}, {paths['csv']}, {paths['png']}")
     return 0

@@ -138,7 +138,7 @@ def read_dataset_json(root: str | os.PathLike) -> DatasetInfo:
     if not path.exists():
         raise FileNotFoundError(f"{path}: missing (every dataset folder needs one)")
     try:
-        raw = json.loads(path.read_text())
+        raw = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{path}: not valid JSON ({error})") from None
     info, problems = _parse_dataset_json(raw, str(path))
@@ -213,7 +213,7 @@ def write_text_atomic(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".tmp-{uuid.uuid4().hex[:8]}-{path.name}")
     try:
-        temporary.write_text(text)
+        temporary.write_text(text, encoding="utf-8")
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
@@ -351,7 +351,7 @@ def _parse_case(raw: Any, where: str) -> tuple[CaseRecord | None, list[Problem]]
 
 def _csv_lines(path: Path) -> tuple[tuple[str, ...], list[tuple[int, list[str]]]]:
     """The header of a CSV file and each non-blank row with its line number (from 1)."""
-    with path.open(newline="") as handle:
+    with path.open(newline="", encoding="utf-8") as handle:
         reader = csv.reader(handle)
         header = tuple(value.strip() for value in next(reader, []))
         lines = [(reader.line_num, values) for values in reader if any(v.strip() for v in values)]
@@ -400,7 +400,7 @@ def check(root: str | os.PathLike, *, progress: bool = False) -> list[Problem]:
     if not path.exists():
         return [Problem("dataset.json", "missing (every dataset folder needs one)")]
     try:
-        raw = json.loads(path.read_text())
+        raw = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         return [Problem("dataset.json", f"not valid JSON ({error})")]
     info, problems = _parse_dataset_json(raw, "dataset.json")

@@ -484,7 +484,7 @@ class MetricsLog:
         self.path = path
         self.rows: list[dict[str, Any]] = []
         if keep_until > 0 and path.exists():
-            with path.open(newline="") as handle:
+            with path.open(newline="", encoding="utf-8") as handle:
                 self.rows = [
                     row for row in csv.DictReader(handle) if int(row["step"]) <= keep_until
                 ]

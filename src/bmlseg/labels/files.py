@@ -72,7 +72,7 @@ def generate(
 def recorded_options(root: str | os.PathLike, method: str) -> dict[str, Any]:
     """The options ``softlabels/<method>/`` was made with; empty when nothing is recorded."""
     path = Path(root) / "softlabels" / method / OPTIONS_FILE
-    return json.loads(path.read_text())["options"] if path.exists() else {}
+    return json.loads(path.read_text(encoding="utf-8"))["options"] if path.exists() else {}
 
 
 def _record_options(
