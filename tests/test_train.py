@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from hydra import compose, initialize_config_module
 
 from bmlseg.config import register_configs
@@ -265,3 +266,26 @@ def test_ddp_with_two_cpu_processes_writes_one_set_of_outputs(dataset: Path, tmp
     assert state["step"] == 3 and len(state["rng"]) == 2
     with (tmp_path / "run" / "metrics.csv").open(encoding="utf-8") as handle:
         assert [int(row["step"]) for row in csv.DictReader(handle)] == [2, 3]
+
+
+def test_optuna_search_over_loss_weights_runs_two_trials(dataset: Path, tmp_path):
+    sweep = tmp_path / "sweep"
+    run(
+        str(BIN / "bmlseg-train"),
+        "experiment=optuna_loss",
+        "hydra.sweeper.n_trials=2",
+        *TINY,
+        f"data.root={dataset}",
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+    )
+    results = yaml.safe_load((sweep / "optimization_results.yaml").read_text(encoding="utf-8"))
+    assert set(results["best_params"]) == {"loss.bce", "loss.sce", "loss.rce"}
+    summaries = sorted(sweep.glob("*/summary.json"))
+    assert len(summaries) == 2
+    weights = [json.loads(path.read_text(encoding="utf-8"))["loss"] for path in summaries]
+    # Each trial trained with the weights Optuna drew for it, within the searched intervals.
+    assert weights[0]["bce"] != weights[1]["bce"]
+    assert all(0 <= trial[name] <= 2 for trial in weights for name in ("bce", "sce", "rce"))
+    for path in sweep.rglob("*.pt"):
+        path.unlink()
