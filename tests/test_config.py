@@ -12,18 +12,10 @@ from omegaconf import OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from bmlseg.config import register_configs
+from bmlseg.report import PRESET_ORDER
 
 CONF = files("bmlseg.conf")
-TABLE1_LOSSES = [
-    "baseline_bce",
-    "apl_binary",
-    "apl_binary_bce2",
-    "soft_baseline",
-    "apl_soft",
-    "apl_soft_sce2",
-    "apl_soft_bce",
-    "apl_soft_bce2",
-]
+TABLE1_LOSSES = list(PRESET_ORDER)  # the rows of the paper's Table I, in order
 
 
 def installed(module: str) -> bool:

@@ -23,18 +23,10 @@ from bmlseg.engine import checkpoint as checkpoints
 from bmlseg.engine.distributed import setup
 from bmlseg.engine.train import NonFiniteLossError, resume, train
 from bmlseg.io import read_volume
+from bmlseg.report import PRESET_ORDER
 
 BIN = Path(sys.executable).parent
-TABLE1_LOSSES = [
-    "baseline_bce",
-    "apl_binary",
-    "apl_binary_bce2",
-    "soft_baseline",
-    "apl_soft",
-    "apl_soft_sce2",
-    "apl_soft_bce",
-    "apl_soft_bce2",
-]
+TABLE1_LOSSES = list(PRESET_ORDER)  # the rows of the paper's Table I, in order
 SUMMARY_KEYS = {"dice", "precision", "recall", "iou", "ap50", "ap75", "ece", "volume_mae_ml"}
 # Tiny runs: 64-pixel crops, 2 steps, one validation and one test volume.
 TINY = ["train=smoke", "data.crop_size=64"]

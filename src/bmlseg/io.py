@@ -102,6 +102,24 @@ def read_volume(path: str | os.PathLike) -> tuple[np.ndarray, Geometry]:
     return array, Geometry.of(image)
 
 
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary name beside ``path`` to write to, renamed to ``path`` when the block ends.
+
+    A reader never sees a half-written file, and a failed write leaves nothing behind. The
+    temporary name ends like ``path``, so writers that choose the format from the extension
+    (SimpleITK, matplotlib) still do.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".tmp-{uuid.uuid4().hex[:8]}-{path.name}")
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
 def write_volume(path: str | os.PathLike, array: np.ndarray, geometry: Geometry) -> Path:
     """Write ``array`` ``[S, H, W]`` with ``geometry`` to one file; atomic.
 

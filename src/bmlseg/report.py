@@ -15,7 +15,6 @@ import json
 import math
 import os
 import sys
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from bmlseg.data.format import write_text_atomic
+from bmlseg.io import atomic_path
 
 __all__ = ["collect", "main_report", "markdown_table", "table", "write_report"]
 
@@ -221,13 +221,8 @@ def _figure(entries: Sequence[dict[str, Any]]) -> Figure:
 
 
 def _save_figure_atomic(figure: Figure, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".tmp-{uuid.uuid4().hex[:8]}-{path.name}")
-    try:
+    with atomic_path(path) as temporary:
         figure.savefig(temporary, format="png", dpi=120)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
     return path
 
 

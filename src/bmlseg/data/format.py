@@ -23,7 +23,6 @@ import csv
 import json
 import os
 import re
-import uuid
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,7 +31,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from bmlseg.io import Geometry, read_volume
+from bmlseg.io import Geometry, atomic_path, read_volume
 
 FORMAT_VERSION = 1
 ANNOTATION_COLUMNS = ("case", "reader", "slice", "bone", "x0", "y0", "x1", "y1")
@@ -210,13 +209,9 @@ def load_case(
 
 
 def write_text_atomic(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".tmp-{uuid.uuid4().hex[:8]}-{path.name}")
-    try:
+    """Write ``text`` as UTF-8 under a temporary name, then rename it to ``path``."""
+    with atomic_path(path) as temporary:
         temporary.write_text(text, encoding="utf-8")
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
     return path
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 import os
-import uuid
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -40,7 +39,7 @@ from bmlseg.data.format import (
     write_annotations,
     write_dataset_json,
 )
-from bmlseg.io import Geometry, write_volume
+from bmlseg.io import Geometry, atomic_path, write_volume
 
 BONES = {1: "femur", 2: "tibia", 3: "patella"}
 FEMUR, TIBIA, PATELLA = 1, 2, 3
@@ -412,13 +411,8 @@ def save_preview(
     figure.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=7)
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".tmp-{uuid.uuid4().hex[:8]}-{path.name}")
-    try:
+    with atomic_path(path) as temporary:
         figure.savefig(temporary, format="png")
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
     return path
 
 

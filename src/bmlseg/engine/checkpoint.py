@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import random
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from bmlseg.io import atomic_path
 from bmlseg.losses import MaskLoss
 from bmlseg.models import IMaskRCNN
 
@@ -49,13 +49,8 @@ def build_model(
 
 def save(path: Path, state: dict[str, Any]) -> Path:
     """Write ``state`` to ``path`` under a temporary name, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".tmp-{uuid.uuid4().hex[:8]}-{path.name}")
-    try:
+    with atomic_path(path) as temporary:
         torch.save(state, temporary)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
     return path
 
 

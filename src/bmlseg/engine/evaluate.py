@@ -33,6 +33,7 @@ from bmlseg.data.format import (
 from bmlseg.data.slices import VolumeSlices, paste_volume
 from bmlseg.engine import checkpoint as checkpoints
 from bmlseg.engine.distributed import resolve_device
+from bmlseg.io import atomic_path
 from bmlseg.metrics import VolumeMetrics
 from bmlseg.models import probability_map
 
@@ -288,13 +289,8 @@ def save_prediction_figure(path: Path, examples: Sequence[Example]) -> Path:
         figure.colorbar(shown, ax=row[2], fraction=0.046)
         for axis in row:
             axis.set_axis_off()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    try:
+    with atomic_path(path) as temporary:
         figure.savefig(temporary, dpi=80, format="png")
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
     return path
 
 

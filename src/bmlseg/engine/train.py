@@ -247,18 +247,8 @@ def finish(
     model = checkpoints.model_from_checkpoint(state, device)
     info = read_dataset_json(cfg.data.root)
     cases = split_cases(info, "test", cfg.train.test_max_cases)
-    scores, examples = evaluate_cases(
-        model,
-        cfg.data.root,
-        cases,
-        crop_size=cfg.data.crop_size,
-        device=device,
-        batch_size=cfg.train.eval_batch_size,
-        score_threshold=cfg.train.score_threshold,
-        mask_threshold=cfg.train.mask_threshold,
-        precision=precision,
-        preview_slices=cfg.train.preview_slices,
-        description="test",
+    scores, examples = evaluate_split(
+        model, cfg, cases, device, precision, preview_slices=cfg.train.preview_slices, split="test"
     )
     write_run_outputs(
         run_dir,
@@ -283,22 +273,38 @@ def validate(
     """Volume metrics of the model on the validation cases; leaves the model in train mode."""
     model.eval()
     try:
-        scores, _ = evaluate_cases(
-            model,
-            cfg.data.root,
-            cases,
-            crop_size=cfg.data.crop_size,
-            device=device,
-            batch_size=cfg.train.eval_batch_size,
-            score_threshold=cfg.train.score_threshold,
-            mask_threshold=cfg.train.mask_threshold,
-            precision=precision,
-            preview_slices=0,
-            description="val",
+        scores, _ = evaluate_split(
+            model, cfg, cases, device, precision, preview_slices=0, split="val"
         )
     finally:
         model.train()
     return scores
+
+
+def evaluate_split(
+    model: nn.Module,
+    cfg: DictConfig,
+    cases: list[str],
+    device: torch.device,
+    precision: torch.dtype | None,
+    *,
+    preview_slices: int,
+    split: str,
+) -> tuple[dict[str, float], list]:
+    """evaluate_cases with the run's data and train settings (thresholds, batch)."""
+    return evaluate_cases(
+        model,
+        cfg.data.root,
+        cases,
+        crop_size=cfg.data.crop_size,
+        device=device,
+        batch_size=cfg.train.eval_batch_size,
+        score_threshold=cfg.train.score_threshold,
+        mask_threshold=cfg.train.mask_threshold,
+        precision=precision,
+        preview_slices=preview_slices,
+        description=split,
+    )
 
 
 def optimizer_step(

@@ -32,7 +32,7 @@ from bmlseg.data.format import (
     softlabel_path,
     write_text_atomic,
 )
-from bmlseg.io import read_volume
+from bmlseg.io import atomic_path, read_volume
 from bmlseg.labels.files import generate, recorded_options
 
 SCORES = ("soft_dice", "brier", "recall", "mass_outside_truth")
@@ -184,7 +184,5 @@ def _save_figure(
         axis.set_axis_off()
     figure.colorbar(heatmap, ax=axes.tolist(), shrink=0.6, label="label value")
     figure.suptitle(f"{where} (cyan: true BML outline)", fontsize=9)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".tmp-{path.name}")
-    figure.savefig(temporary, dpi=120, format="png")
-    os.replace(temporary, path)
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, dpi=120, format="png")
