@@ -64,8 +64,9 @@ def labels_main(cfg: DictConfig) -> None:
     paths = labels.generate(root, method, overwrite=cfg.overwrite, **options)
     print(f"{len(paths)} {method} label volumes in {Path(root) / 'softlabels' / method}")
     if cfg.evaluate:
-        out_dir = cfg.out_dir or Path(root) / "softlabels" / "evaluation"
-        rows = labels.evaluate(root, [method], out_dir=out_dir)
+        # Every method, side by side (missing ones are made with their default options).
+        out_dir = cfg.out_dir or Path(root) / "label_quality"
+        rows = labels.evaluate(root, list(labels.METHODS), out_dir=out_dir)
         print(markdown_table(rows), end="")
         print(f"wrote {Path(out_dir) / 'label_quality.md'}")
 
