@@ -33,7 +33,7 @@ benchmark: install
 	$(BIN)/python benchmarks/loss.py
 	$(BIN)/python benchmarks/model.py
 
-# A fresh clone to a Table-I style comparison on CPU in about 10 minutes: a small synthetic
+# A fresh clone to a Table-I style comparison on CPU in about 6 minutes: a small synthetic
 # dataset, the paper's soft labels, the BCE baseline and APL + soft labels trained briefly as
 # one multirun (experiment=demo), each evaluated on held-out test volumes, then the report.
 demo: install
