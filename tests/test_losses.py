@@ -107,21 +107,15 @@ def test_values_given_in_the_task():
 
 @pytest.mark.parametrize("normalized", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_cross_entropy_matches_reference(normalized, dtype):
+@pytest.mark.parametrize(
+    ("function", "reference_function"),
+    [(cross_entropy, ref_cross_entropy), (reverse_cross_entropy, ref_reverse_cross_entropy)],
+    ids=["cross_entropy", "reverse_cross_entropy"],
+)
+def test_matches_reference(function, reference_function, normalized, dtype):
     z, y = grid()
-    expected = reference(ref_cross_entropy, z, y, normalized=normalized)
-    actual = cross_entropy(z.to(dtype), y.to(dtype), normalized=normalized)
-    assert actual.dtype == dtype
-    tolerance = 1e-12 if dtype == torch.float64 else 1e-5
-    torch.testing.assert_close(actual.double(), expected, rtol=tolerance, atol=tolerance)
-
-
-@pytest.mark.parametrize("normalized", [False, True])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_reverse_cross_entropy_matches_reference(normalized, dtype):
-    z, y = grid()
-    expected = reference(ref_reverse_cross_entropy, z, y, normalized=normalized)
-    actual = reverse_cross_entropy(z.to(dtype), y.to(dtype), normalized=normalized)
+    expected = reference(reference_function, z, y, normalized=normalized)
+    actual = function(z.to(dtype), y.to(dtype), normalized=normalized)
     assert actual.dtype == dtype
     tolerance = 1e-12 if dtype == torch.float64 else 1e-5
     torch.testing.assert_close(actual.double(), expected, rtol=tolerance, atol=tolerance)
