@@ -17,28 +17,33 @@ of a step above what was allocated before it, and the ratios (target: at most 1.
 from __future__ import annotations
 
 import argparse
-import importlib.resources
 import statistics
 import time
 
 import torch
+from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 from torch import Tensor, nn
 from torchvision.models.detection import MaskRCNN
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
 
 from bmlseg.models import IMaskRCNN, build_backbone, small_lesion_anchor_generator
+from bmlseg.models.backbone import FPN_CHANNELS
+from bmlseg.models.imaskrcnn import BOX_REPRESENTATION_SIZE
 
 NUM_CLASSES = 2
 
 
 def model_config(name: str) -> dict:
-    """conf/model/<name>.yaml as a plain dict."""
-    path = importlib.resources.files("bmlseg.conf") / "model" / f"{name}.yaml"
-    return OmegaConf.to_container(OmegaConf.load(str(path)), resolve=True)
+    """conf/model/<name>.yaml, composed by Hydra (profiles inherit), as a plain dict."""
+    with initialize_config_module(config_module="bmlseg.conf", version_base=None):
+        return OmegaConf.to_container(compose(overrides=[f"+model={name}"]).model)
 
 
 def build_models(backbone: str, image_size: int, maskrcnn_kwargs: dict) -> dict[str, nn.Module]:
-    """IMaskRCNN and torchvision's MaskRCNN with identical weights outside the mask head."""
+    """IMaskRCNN and torchvision's MaskRCNN with the same backbone, pyramid width and box head;
+    torchvision's keeps its own mask head (256 wide, no normalization)."""
     kwargs = dict(maskrcnn_kwargs)
     torch.manual_seed(0)
     imaskrcnn = IMaskRCNN(NUM_CLASSES, backbone=backbone, image_size=image_size, **kwargs)
@@ -47,10 +52,16 @@ def build_models(backbone: str, image_size: int, maskrcnn_kwargs: dict) -> dict[
         for key in ("anchor_sizes", "anchor_aspect_ratios")
         if key in kwargs
     }
+    channels = kwargs.pop("channels", FPN_CHANNELS)
+    representation = kwargs.pop("box_representation_size", BOX_REPRESENTATION_SIZE)
+    kwargs.pop("mask_head_norm", None)
     torch.manual_seed(0)
     maskrcnn = MaskRCNN(
-        build_backbone(backbone),
-        NUM_CLASSES,
+        build_backbone(backbone, channels=channels),
+        None,
+        box_head=TwoMLPHead(channels * 7 * 7, representation),
+        box_predictor=FastRCNNPredictor(representation, NUM_CLASSES),
+        mask_predictor=MaskRCNNPredictor(256, 256, NUM_CLASSES),
         min_size=image_size,
         max_size=image_size,
         image_mean=[0.0, 0.0, 0.0],

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
+import itertools
 from importlib.resources import files
 
 import pytest
 from hydra import compose, initialize_config_module
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import OmegaConf
 from omegaconf.errors import MissingMandatoryValue
@@ -44,10 +46,10 @@ def test_train_defaults_compose_to_the_documented_run():
     cfg = compose("train")
     assert cfg.data.root == "data/synthetic"
     assert cfg.labels.method == "kimriss"
-    assert cfg.model.name == "imaskrcnn_r18"
+    assert cfg.model.name == "imaskrcnn_r18_narrow"
     assert cfg.loss.name == "apl_soft_bce"
     assert cfg.train.name == "cpu"
-    assert cfg.binary_labels == "binary_majority"
+    assert cfg.binary_labels == "kimriss_hard"
     assert cfg.model.image_size == cfg.data.crop_size
 
 
@@ -87,10 +89,37 @@ def test_table1_experiment_sweeps_all_eight_losses_at_paper_scale():
     assert cfg.data.crop_size == cfg.model.image_size == 320
 
 
-def test_demo_experiment_compares_baseline_with_apl_soft_labels():
+def sweep_runs(cfg) -> list[dict[str, str]]:
+    """The runs of a composed multirun config: the product of its sweeper params."""
+    parsed = OverridesParser.create().parse_overrides(
+        [f"{key}={value}" for key, value in cfg.hydra.sweeper.params.items()]
+    )
+    choices = [[(o.key_or_group, str(v)) for v in o.sweep_string_iterator()] for o in parsed]
+    return [dict(run) for run in itertools.product(*choices)]
+
+
+def test_demo_experiment_compares_oracle_baseline_and_apl_soft_labels():
     cfg = compose("train", overrides=["experiment=demo"], return_hydra_config=True)
-    assert cfg.hydra.sweeper.params.loss.split(",") == ["baseline_bce", "apl_soft_bce"]
-    assert cfg.train.name == "cpu"
+    runs = sweep_runs(cfg)
+    assert [run["loss"] for run in runs] == ["truth_bce", "baseline_bce", "apl_soft_bce"]
+    assert (cfg.train.name, cfg.model.name) == ("cpu", "imaskrcnn_r18_narrow")
+
+
+def test_phantom_table1_expands_to_six_rows_times_three_seeds_resumable():
+    cfg = compose("train", overrides=["experiment=phantom_table1"], return_hydra_config=True)
+    runs = sweep_runs(cfg)
+    rows = ["truth_bce", "baseline_bce", "soft_baseline", "apl_binary", "apl_soft", "apl_soft_bce"]
+    assert len(runs) == 18
+    assert {(run["loss"], run["seed"]) for run in runs} == {
+        (row, seed) for row in rows for seed in ("0", "1", "2")
+    }
+    assert cfg.train.resume is True
+    # One fixed folder per run, so a second start finds it.
+    assert cfg.hydra.sweep.dir == "multirun/phantom_table1"
+    assert cfg.hydra.sweep.subdir == f"{cfg.loss.name}_seed{cfg.seed}"
+    assert (cfg.train.name, cfg.model.name) == ("cpu", "imaskrcnn_r18_narrow")
+    kinds = {row: compose("train", overrides=[f"loss={row}"]).loss.label_kind.value for row in rows}
+    assert kinds["truth_bce"] == "truth"
 
 
 @pytest.mark.skipif(

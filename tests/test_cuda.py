@@ -16,6 +16,7 @@ from hydra import compose, initialize_config_module
 from bmlseg.config import register_configs
 from bmlseg.engine.train import train
 from bmlseg.losses import MaskLoss
+from bmlseg.metrics import METRIC_KEYS
 from bmlseg.models import IMaskRCNN
 
 pytestmark = [
@@ -104,7 +105,7 @@ def test_training_run_on_cuda_with_amp_writes_a_finite_summary(amp, dataset: Pat
         )
     train(cfg, tmp_path)
     summary = json.loads((tmp_path / "summary.json").read_text(encoding="utf-8"))
-    for key in ("dice", "precision", "recall", "iou", "ap50", "ap75", "ece", "volume_mae_ml"):
+    for key in (*METRIC_KEYS, "score_threshold"):
         assert key in summary
     state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True, map_location="cpu")
     assert state["step"] == 4

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -24,6 +25,7 @@ from bmlseg.data.format import (
     write_annotations,
     write_dataset_json,
 )
+from bmlseg.data.instances import InstanceOptions
 from bmlseg.io import Geometry, read_volume, write_volume
 from bmlseg.labels import (
     METHODS,
@@ -32,6 +34,7 @@ from bmlseg.labels import (
     evaluate,
     generate,
     kimriss_soft_label,
+    label_case,
     label_scores,
     rater_agreement,
     reader_maps,
@@ -42,6 +45,7 @@ from bmlseg.labels import (
     svls_smooth,
     uniform_smooth,
 )
+from bmlseg.labels.quality import instance_counts
 
 BONE_LABELS = {"femur": 1, "tibia": 2, "patella": 3}
 SHAPE = (5, 16, 16)
@@ -182,6 +186,59 @@ def test_hyperintense_rule_raises_only_bright_neighbours():
     assert label[3].max() == 0.0
 
 
+def test_connected_rule_raises_a_lesion_continued_but_not_bright_noise():
+    image, bones = femur_volume()
+    image[2, 5:7, 5:7] = 200.0  # a lesion the readers marked on slice 2 ...
+    image[1, 5:7, 5:7] = 200.0  # ... continued, unmarked, on slice 1
+    image[3, 8, 8] = 200.0  # bright noise under slice 2's rectangle, on slice 3
+    agreement = np.zeros(SHAPE, np.float32)
+    agreement[2, 4:9, 4:9] = 1.0
+    options = KimrissOptions(erode_px=0, neighbour_weight=0.5)
+    assert options.neighbour_rule == "connected"
+    label = kimriss_soft_label(image, bones, agreement, options)
+    assert label[1, 5:7, 5:7].min() == 0.5 and np.count_nonzero(label[1]) == 4
+    assert label[3].max() == 0.0
+    noisy = kimriss_soft_label(
+        image, bones, agreement, replace(options, neighbour_rule="hyperintense")
+    )
+    assert noisy[3, 8, 8] == 0.5
+
+
+def test_small_label_components_are_dropped():
+    image, bones = femur_volume()
+    agreement = np.zeros(SHAPE, np.float32)
+    agreement[2, 4:9, 4:9] = 1.0  # 25 voxels
+    agreement[2, 12, 12] = 1.0  # 1 voxel
+    options = KimrissOptions(erode_px=0, neighbour_weight=0.0, min_component_mm3=8.0)
+    label = kimriss_soft_label(image, bones, agreement, options, voxel_mm3=0.5)
+    assert label[2, 12, 12] == 0.0 and label[2, 4:9, 4:9].min() == 1.0
+    kept = kimriss_soft_label(image, bones, agreement, options, voxel_mm3=8.0)
+    assert kept[2, 12, 12] == 1.0
+
+
+def test_kimriss_hard_is_kimriss_cut_at_the_threshold():
+    rows = [rectangle("a", 2, 3, 3, 9, 9), rectangle("b", 2, 5, 5, 13, 13)]
+    case = make_case(rows)
+    case.image[2, 6:8, 6:8] = 200.0
+    soft = label_case(case, BONE_LABELS, "kimriss")
+    for threshold in (0.3, 0.5, 1.0):
+        hard = label_case(case, BONE_LABELS, "kimriss_hard", threshold=threshold)
+        np.testing.assert_array_equal(hard, (soft >= threshold).astype(np.float32))
+    assert resolve_options("kimriss_hard")["threshold"] == 0.5
+    with pytest.raises(ValueError, match="no option 'z_treshold'"):
+        resolve_options("kimriss_hard", z_treshold=3.0)
+
+
+def test_truth_is_the_mask_and_is_refused_without_one():
+    mask = np.zeros(SHAPE, dtype=np.uint8)
+    mask[2, 5:7, 5:7] = 1
+    label = label_case(make_case([], mask=mask), BONE_LABELS, "truth")
+    assert label.dtype == np.float32
+    np.testing.assert_array_equal(label, mask.astype(np.float32))
+    with pytest.raises(ValueError, match=r"case 'c'.*masks/c\.nii\.gz"):
+        label_case(make_case([]), BONE_LABELS, "truth")
+
+
 # --- baselines -------------------------------------------------------------------------------
 
 
@@ -279,7 +336,9 @@ def test_every_method_gives_float32_probabilities_of_the_image_shape(method):
         rectangle("b", 2, 5, 5, 13, 13),
         rectangle("b", 3, 5, 5, 8, 8),
     ]
-    case = make_case(rows)
+    mask = np.zeros(SHAPE, dtype=np.uint8)
+    mask[2:4, 5:8, 5:8] = 1
+    case = make_case(rows, mask=mask)
     case.image[2:4, 5:8, 5:8] = 200.0
     label = METHODS[method](case, BONE_LABELS)
     assert label.dtype == np.float32 and label.shape == SHAPE
@@ -293,7 +352,7 @@ def test_config_lists_every_option_with_the_code_defaults(method):
     register_configs()
     with initialize_config_module("bmlseg.conf", version_base="1.3"):
         cfg = compose("labels", overrides=[f"labels={method}"])
-    options = OmegaConf.to_container(cfg.labels.options)
+    options = OmegaConf.to_container(cfg.labels.options, resolve=True)
     assert cfg.labels.method == method
     assert set(options) == set(resolve_options(method))
     assert resolve_options(method, **options) == resolve_options(method)
@@ -381,6 +440,19 @@ def test_label_scores_by_hand():
     assert without_bml["mass_outside_truth"] == 1.0
 
 
+def test_instance_counts_by_hand():
+    truth = np.zeros((2, 12, 12), dtype=np.uint8)
+    truth[0, 1:4, 1:4] = 1  # matched by the first box
+    truth[0, 8:10, 8:10] = 1  # no box anywhere near
+    label = np.zeros((2, 12, 12), dtype=np.float32)
+    label[0, 0:4, 1:4] = 0.6  # box IoU 9 / 12 with the first lesion
+    label[0, 6:9, 0:3] = 1.0  # a box on no lesion
+    label[0, 10:12, 0:2] = 0.4  # under the threshold: no instance
+    label[1, 5, 5] = 1.0  # under the minimum area: no instance
+    counts = instance_counts(label, truth, InstanceOptions(min_area_mm2=2.0), pixel_area_mm2=1.0)
+    assert counts == {"instances": 2, "matching": 1, "lesions": 2, "matched": 1, "slices": 1}
+
+
 def test_evaluate_writes_table_csv_and_figure(synthetic_root, tmp_path):
     root = tmp_path / "data"
     shutil.copytree(synthetic_root, root)
@@ -393,6 +465,7 @@ def test_evaluate_writes_table_csv_and_figure(synthetic_root, tmp_path):
     assert [row["method"] for row in rows] == methods
     assert all(row["cases"] == cases_with_masks > 0 for row in rows)
     assert all(0.0 <= row["soft_dice"] <= 1.0 for row in rows)
+    assert all(0.0 <= row["boxes_matching_lesion"] <= 1.0 for row in rows)
     table = (tmp_path / "quality" / "label_quality.md").read_text(encoding="utf-8")
     assert all(f"| {method} |" in table for method in methods)
     csv_lines = (

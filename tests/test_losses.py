@@ -28,6 +28,7 @@ EXTREME_Y = [0.0, 1.0, 0.5, 1e-30]
 # The paper's Table I: (row, loss weights BCE, SCE, RCE, label kind). The presets must match it;
 # all rows but the two baselines use normalized losses (APL).
 TABLE_I = {
+    "truth_bce": (0, 1.0, 0.0, 0.0, "truth"),  # the clean-label oracle, not a row of the paper
     "baseline_bce": (1, 1.0, 0.0, 0.0, "binary"),
     "apl_binary": (2, 1.0, 0.0, 1.0, "binary"),
     "apl_binary_bce2": (3, 2.0, 0.0, 1.0, "binary"),
@@ -358,7 +359,7 @@ def preset_files() -> list:
     return sorted((f for f in folder.iterdir() if f.name.endswith(".yaml")), key=lambda f: f.name)
 
 
-def test_presets_are_exactly_the_rows_of_table_i():
+def test_presets_are_exactly_the_rows_of_table_i_and_the_oracle():
     assert sorted(f.name.removesuffix(".yaml") for f in preset_files()) == sorted(TABLE_I)
 
 

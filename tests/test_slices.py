@@ -18,6 +18,7 @@ from bmlseg.data.format import (
     write_annotations,
     write_dataset_json,
 )
+from bmlseg.data.instances import InstanceOptions, label_instances
 from bmlseg.data.slices import (
     SliceDataset,
     VolumeSlices,
@@ -48,13 +49,22 @@ def knee_volumes(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return image, bones, mask
 
 
+# 1 mm^2 is 4 pixels of 0.5 mm (write_folder's spacing).
+INSTANCES = InstanceOptions(threshold=0.5, min_area_mm2=1.0)
+
+
 def soft_label() -> np.ndarray:
-    """Instances on slices 3 (two: one on the femur, one on the tibia), 4 and 8; 0.7 inside."""
+    """Instances (label >= 0.5, at least 4 pixels) on slices 3 (two: one on the femur with a
+    0.3 halo, one on the tibia), 4 and 8. Slice 4 also holds what is no instance: a blob under
+    the threshold and a one-pixel speckle."""
     label = np.zeros(SHAPE, dtype=np.float32)
+    label[3, 5:10, 13:21] = 0.3
     label[3, 6:9, 14:20] = 0.7
-    label[3, 24:27, 30:33] = 0.4
-    label[3, 26, 33] = 0.4  # touches the tibia blob diagonally: the same 8-connected instance
+    label[3, 24:27, 30:33] = 0.8
+    label[3, 26, 33] = 0.8  # touches the tibia blob diagonally: the same 8-connected instance
     label[4, 10:12, 20:30] = 0.7
+    label[4, 24:27, 14:18] = 0.4
+    label[4, 30, 30] = 0.9
     label[8, 30:34, 16:18] = 1.0
     return label
 
@@ -79,7 +89,7 @@ def root(tmp_path_factory) -> Path:
 
 
 def dataset(root: Path, **options) -> SliceDataset:
-    options = {"crop_size": CROP, "lesion_free_ratio": 0.0, **options}
+    options = {"crop_size": CROP, "lesion_free_ratio": 0.0, "instances": INSTANCES, **options}
     return SliceDataset(root, "train", label_volumes={"k000_t0": soft_label()}, **options)
 
 
@@ -113,18 +123,41 @@ def test_soft_values_are_kept_per_instance(root):
     box = target["crop_box"].tolist()
     expected = crop_volume(soft_label(), tuple(box))[3]
     masks = target["masks"].numpy()
-    assert sorted(np.unique(masks).tolist()) == pytest.approx([0.0, 0.4, 0.7])
-    # Each instance holds the label inside its own component and 0 elsewhere; together, all of it.
+    # Each instance holds the label of the label > 0 region around its core (the femur's halo
+    # included) and 0 elsewhere; together, all of this slice's label.
     np.testing.assert_array_equal(masks.sum(axis=0), expected)
-    assert all(len(np.unique(mask[mask > 0])) == 1 for mask in masks)
+    values = sorted(tuple(np.unique(mask[mask > 0]).astype(float).round(2)) for mask in masks)
+    assert values == [(0.3, 0.7), (0.8,)]
 
 
-def test_boxes_are_tight_with_exclusive_ends(root):
+def test_unconfident_and_tiny_label_parts_are_no_instance(root):
+    _, target = sample_of_slice(dataset(root), 4)
+    box = target["crop_box"].tolist()
+    label = crop_volume(soft_label(), tuple(box))[4]
+    assert len(target["boxes"]) == 1
+    np.testing.assert_array_equal(target["masks"][0].numpy(), np.where(label == 0.7, label, 0))
+
+
+def test_two_cores_in_one_region_split_it_by_distance():
+    label = np.zeros((8, 12), dtype=np.float32)
+    label[2:6, 0:2] = 1.0
+    label[2:6, 6:8] = 1.0
+    label[3, 2:6] = 0.2  # a bridge: one label > 0 region holding both cores
+    boxes, masks = label_instances(label, InstanceOptions(min_area_mm2=4.0), pixel_area_mm2=1.0)
+    assert boxes.tolist() == [[0, 2, 2, 6], [6, 2, 8, 6]]
+    np.testing.assert_array_equal(masks.sum(axis=0), label)  # no pixel shared, none lost
+    assert masks[0, 3, 2:6].tolist() == pytest.approx([0.2, 0.2, 0.0, 0.0])  # nearer core wins
+    assert masks[1, 3, 2:6].tolist() == pytest.approx([0.0, 0.0, 0.2, 0.2])
+    boxes, _ = label_instances(label, InstanceOptions(min_area_mm2=9.0), pixel_area_mm2=1.0)
+    assert len(boxes) == 0  # cores of 8 pixels are under 9 mm^2 of 1 mm^2 pixels
+
+
+def test_boxes_are_tight_around_the_cores_with_exclusive_ends(root):
     data = dataset(root)
     for index in range(len(data)):
         _, target = data[index]
         for box, mask in zip(target["boxes"].tolist(), target["masks"].numpy(), strict=True):
-            rows, columns = np.nonzero(mask)
+            rows, columns = np.nonzero(mask >= INSTANCES.threshold)
             assert box == [columns.min(), rows.min(), columns.max() + 1, rows.max() + 1]
             assert 0 <= box[0] < box[2] <= CROP and 0 <= box[1] < box[3] <= CROP
 
@@ -211,7 +244,12 @@ def test_per_bone_classes_take_the_bone_under_most_of_the_instance(root):
     label = soft_label()
     label[8, 0:2, 0:2] = 0.9  # wholly outside bone: no bone class, dropped
     data = SliceDataset(
-        root, "train", label_volumes={"k000_t0": label}, crop_size=48, per_bone_classes=True
+        root,
+        "train",
+        label_volumes={"k000_t0": label},
+        crop_size=48,
+        per_bone_classes=True,
+        instances=INSTANCES,
     )
     assert data.num_classes == 4
     _, target = sample_of_slice(data, 3)
@@ -273,7 +311,9 @@ def test_normalization_centres_and_scales_the_bone():
 def test_soft_labels_on_disk(root, tmp_path):
     folder = write_folder(tmp_path / "with_labels")
     write_volume(softlabel_path(folder, "kimriss", "k000_t0"), soft_label(), Geometry.identity())
-    from_disk = SliceDataset(folder, "train", "kimriss", crop_size=CROP, lesion_free_ratio=0)
+    from_disk = SliceDataset(
+        folder, "train", "kimriss", crop_size=CROP, lesion_free_ratio=0, instances=INSTANCES
+    )
     given = dataset(root)
     assert from_disk.samples == given.samples
     for index in range(len(given)):
@@ -298,7 +338,7 @@ def test_without_labels_every_slice_is_a_sample(root):
 def test_collate_makes_lists_for_detection(tmp_path):
     folder = write_folder(tmp_path / "two", case_ids=("k000_t0", "k001_t0"))
     labels = {case_id: soft_label() for case_id in ("k000_t0", "k001_t0")}
-    data = SliceDataset(folder, "train", label_volumes=labels, crop_size=CROP)
+    data = SliceDataset(folder, "train", label_volumes=labels, crop_size=CROP, instances=INSTANCES)
     loader = DataLoader(data, batch_size=4, collate_fn=collate_detection)
     images, targets = next(iter(loader))
     assert len(images) == len(targets) == 4
@@ -315,7 +355,10 @@ def test_generated_folder_with_its_masks_as_labels(synthetic_root):
         case.id: 0.7 * read_volume(mask_path(synthetic_root, case.id))[0].astype(np.float32)
         for case in info.split("train")
     }
-    data = SliceDataset(synthetic_root, "train", label_volumes=labels, crop_size=96)
+    every_size = InstanceOptions(min_area_mm2=0.0)
+    data = SliceDataset(
+        synthetic_root, "train", label_volumes=labels, crop_size=96, instances=every_size
+    )
     assert len(data) > 0
     for index in range(len(data)):
         image, target = data[index]

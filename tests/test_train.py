@@ -23,11 +23,14 @@ from bmlseg.engine import checkpoint as checkpoints
 from bmlseg.engine.distributed import setup
 from bmlseg.engine.train import NonFiniteLossError, resume, train
 from bmlseg.io import read_volume
+from bmlseg.metrics import METRIC_KEYS, SCORE_GRID
 from bmlseg.report import PRESET_ORDER
 
 BIN = Path(sys.executable).parent
 TABLE1_LOSSES = list(PRESET_ORDER)  # the rows of the paper's Table I, in order
-SUMMARY_KEYS = {"dice", "precision", "recall", "iou", "ap50", "ap75", "ece", "volume_mae_ml"}
+SWEPT_LOSSES = [*TABLE1_LOSSES, "truth_bce"]
+LABELS_OF_KIND = {"binary": "kimriss_hard", "soft": "kimriss", "truth": "truth"}
+SUMMARY_KEYS = {*METRIC_KEYS, "score_threshold"}
 # Tiny runs: 64-pixel crops, 2 steps, one validation and one test volume.
 TINY = ["train=smoke", "data.crop_size=64"]
 
@@ -53,12 +56,13 @@ def dataset(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 
 @pytest.fixture(scope="module")
 def sweep(dataset: Path, tmp_path_factory: pytest.TempPathFactory):
-    """All eight Table I presets as one Hydra multirun with the basic launcher."""
+    """All eight Table I presets and the clean-label oracle as one Hydra multirun with the basic
+    launcher."""
     work = tmp_path_factory.mktemp("sweep")
     run(
         str(BIN / "bmlseg-train"),
         "-m",
-        f"loss={','.join(TABLE1_LOSSES)}",
+        f"loss={','.join(SWEPT_LOSSES)}",
         *TINY,
         f"data.root={dataset}",
         f"hydra.sweep.dir={work / 'sweep'}",
@@ -80,7 +84,7 @@ def run_dirs(sweep: Path) -> dict[str, Path]:
 
 def test_each_preset_of_a_sweep_writes_every_run_output(sweep: Path):
     runs = run_dirs(sweep)
-    assert sorted(runs) == sorted(TABLE1_LOSSES)
+    assert sorted(runs) == sorted(SWEPT_LOSSES)
     for name, run_dir in runs.items():
         assert (run_dir / ".hydra" / "config.yaml").is_file()
         with (run_dir / "metrics.csv").open(encoding="utf-8") as handle:
@@ -88,23 +92,26 @@ def test_each_preset_of_a_sweep_writes_every_run_output(sweep: Path):
         assert [int(row["step"]) for row in rows] == [2]
         assert math.isfinite(float(rows[0]["loss"]))
         assert "val_dice" in rows[0]
+        # train.score_threshold is null: chosen on validation, kept with best.pt, tested at.
+        chosen = float(rows[0]["val_score_threshold"])
+        assert chosen in SCORE_GRID
         for checkpoint in ("last.pt", "best.pt"):
             state = checkpoints.load(run_dir / "checkpoints" / checkpoint)
             assert state["step"] == 2
             assert state["config"]["loss"]["name"] == name
+            assert state["best"]["score_threshold"] == chosen
         summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
         assert SUMMARY_KEYS <= summary.keys()
+        assert summary["score_threshold"] == chosen
         assert summary["loss"]["name"] == name
-        assert summary["label_method"] == (
-            "binary_majority" if summary["loss"]["label_kind"] == "binary" else "kimriss"
-        )
+        assert summary["label_method"] == LABELS_OF_KIND[summary["loss"]["label_kind"]]
         assert summary["steps"] == 2 and summary["run_dir"] == str(run_dir.resolve())
         assert (run_dir / "predictions.png").stat().st_size > 0
 
 
 def test_a_run_trains_on_the_labels_of_its_loss_kind(sweep: Path, dataset: Path):
     labels = {path.name for path in (dataset / "softlabels").iterdir() if path.is_dir()}
-    assert labels == {"binary_majority", "kimriss"}
+    assert labels == set(LABELS_OF_KIND.values())
     config = json.loads(
         (run_dirs(sweep)["apl_binary_bce2"] / "summary.json").read_text(encoding="utf-8")
     )
@@ -203,6 +210,13 @@ def test_resume_continues_at_the_saved_step_with_the_saved_optimizer_state(
         torch.testing.assert_close(resumed["model"][name], value, rtol=1e-4, atol=1e-5)
     with (interrupted / "metrics.csv").open(encoding="utf-8") as handle:
         assert [int(row["step"]) for row in csv.DictReader(handle)] == [2, 3]
+
+    # A rerun of a finished run (a sweep started again) leaves it as it was.
+    summary = (interrupted / "summary.json").read_text(encoding="utf-8")
+    last = (interrupted / "checkpoints" / "last.pt").stat().st_mtime_ns
+    train(tiny_config(dataset, "train.steps=3", "train.resume=true"), interrupted)
+    assert (interrupted / "summary.json").read_text(encoding="utf-8") == summary
+    assert (interrupted / "checkpoints" / "last.pt").stat().st_mtime_ns == last
 
 
 def test_non_finite_losses_skip_steps_then_stop_without_a_bad_checkpoint(

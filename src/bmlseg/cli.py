@@ -57,6 +57,7 @@ def synth_main(cfg: DictConfig) -> None:
 @hydra.main(version_base=VERSION_BASE, config_path=CONFIG_PATH, config_name="labels")
 def labels_main(cfg: DictConfig) -> None:
     from bmlseg import labels
+    from bmlseg.data.instances import InstanceOptions
     from bmlseg.labels.quality import markdown_table
 
     root, method = cfg.data.root, cfg.labels.method
@@ -66,7 +67,8 @@ def labels_main(cfg: DictConfig) -> None:
     if cfg.evaluate:
         # Every method, side by side (missing ones are made with their default options).
         out_dir = cfg.out_dir or Path(root) / "label_quality"
-        rows = labels.evaluate(root, list(labels.METHODS), out_dir=out_dir)
+        instances = InstanceOptions(**cfg.data.instances)
+        rows = labels.evaluate(root, list(labels.METHODS), out_dir=out_dir, instances=instances)
         print(markdown_table(rows), end="")
         print(f"wrote {Path(out_dir) / 'label_quality.md'}")
 

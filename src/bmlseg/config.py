@@ -15,14 +15,20 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from bmlseg.data.instances import InstanceOptions
+
 # OmegaConf reads the annotations at runtime: keep typing.Optional/Dict/List spellings that
 # Python 3.10 can evaluate, hence the noqa below.
 # ruff: noqa: UP007, UP045
 
 
 class LabelKind(str, Enum):
+    """The labels a loss preset trains on: ``labels.method`` (soft), ``binary_labels`` (binary)
+    or the pixelwise ground truth (truth: the clean-label oracle)."""
+
     binary = "binary"
     soft = "soft"
+    truth = "truth"
 
 
 class Amp(str, Enum):
@@ -32,6 +38,13 @@ class Amp(str, Enum):
     bf16 = "bf16"
     fp16 = "fp16"
     off = "off"
+
+
+class LrSchedule(str, Enum):
+    """After the linear warm-up: ``constant``, or ``cosine`` decay to 0 at the last step."""
+
+    constant = "constant"
+    cosine = "cosine"
 
 
 class BestMetric(str, Enum):
@@ -51,6 +64,7 @@ class DataConfig:
     lesion_free_ratio: float = 0.1
     per_bone_classes: bool = False
     num_workers: int = 0
+    instances: InstanceOptions = field(default_factory=InstanceOptions)
 
 
 @dataclass
@@ -91,7 +105,8 @@ class LossConfig:
 
 @dataclass
 class TrainConfig:
-    """The training loop: step-based, Adam with linear warm-up, evaluation every few steps."""
+    """The training loop: step-based, Adam with linear warm-up (then constant or cosine),
+    evaluation every few steps."""
 
     name: str = "cpu"
     steps: int = 400
@@ -99,6 +114,7 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     warmup_steps: int = 50
+    lr_schedule: LrSchedule = LrSchedule.constant
     clip_grad_norm: Optional[float] = 5.0
     log_every: int = 10
     eval_every: int = 100
@@ -110,9 +126,11 @@ class TrainConfig:
     max_nonfinite_steps: int = 10
     deterministic: bool = False
     tensorboard: bool = False
-    # Inference during validation and the final test evaluation.
+    # Inference during validation and the final test evaluation (docs/metrics.md). The operating
+    # score threshold: None chooses it at each validation (bmlseg.metrics.SCORE_GRID, best mean
+    # Dice) and tests best.pt at the one chosen with it; a number is used everywhere.
     eval_batch_size: int = 8
-    score_threshold: float = 0.5
+    score_threshold: Optional[float] = None
     mask_threshold: float = 0.5
     val_max_cases: Optional[int] = None
     test_max_cases: Optional[int] = None
@@ -129,7 +147,7 @@ class TrainApp:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     # Label method used when loss.label_kind is binary; soft losses use labels.method.
-    binary_labels: str = "binary_majority"
+    binary_labels: str = "kimriss_hard"
     seed: int = 0
 
 
@@ -149,8 +167,9 @@ class EvalApp:
     split: str = "test"
     device: str = "auto"
     batch_size: int = 8
-    score_threshold: float = 0.5
-    mask_threshold: float = 0.5
+    # None: the checkpoint's: the score threshold recorded in it, its train.mask_threshold.
+    score_threshold: Optional[float] = None
+    mask_threshold: Optional[float] = None
     max_cases: Optional[int] = None
     preview_slices: int = 4
 
@@ -165,8 +184,9 @@ class PredictApp:
     output_dir: str = "predictions"
     device: str = "auto"
     batch_size: int = 8
-    score_threshold: float = 0.5
-    mask_threshold: float = 0.5
+    # None: the checkpoint's: the score threshold recorded in it, its train.mask_threshold.
+    score_threshold: Optional[float] = None
+    mask_threshold: Optional[float] = None
 
 
 @dataclass

@@ -4,7 +4,9 @@
 
 writes ``out/scan_bml_prob.nii.gz`` (float32 probability), ``out/scan_bml_mask.nii.gz`` (uint8,
 probability >= mask_threshold) and ``out/scan_bml_volume.json`` (BML volume in mL, in total and
-per bone), and prints the volumes.
+per bone, and the thresholds used), and prints the volumes. The probability map is made of the
+detections scoring at or above the score threshold, by default the one the checkpoint recorded
+(chosen on validation during training).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from torch import nn
 from bmlseg.data.format import VOLUME_SUFFIX, write_text_atomic
 from bmlseg.engine import checkpoint as checkpoints
 from bmlseg.engine.distributed import resolve_device
-from bmlseg.engine.evaluate import infer_volume
+from bmlseg.engine.evaluate import InferenceSettings, checkpoint_settings, infer_volume
 from bmlseg.io import read_volume, write_volume
 from bmlseg.metrics import bml_volume_ml
 
@@ -32,13 +34,11 @@ def predict_volume(
     image: np.ndarray,
     bones: np.ndarray,
     crop_size: int,
+    settings: InferenceSettings,
     *,
     device: torch.device | str = "cpu",
-    batch_size: int = 8,
-    score_threshold: float = 0.5,
-    mask_threshold: float = 0.5,
 ) -> np.ndarray:
-    """BML probability ``[S, H, W]`` float32 of one volume.
+    """BML probability ``[S, H, W]`` float32 of one volume, at ``settings.score_threshold``.
 
     Args:
         model: an IMaskRCNN in eval mode (e.g. ``checkpoint.model_from_checkpoint``).
@@ -48,18 +48,9 @@ def predict_volume(
     """
     if image.shape != bones.shape:
         raise ValueError(f"image {image.shape} and bones {bones.shape} must have the same shape")
-    prediction = infer_volume(
-        model,
-        image,
-        bones,
-        crop_size=crop_size,
-        device=torch.device(device),
-        batch_size=batch_size,
-        score_threshold=score_threshold,
-        mask_threshold=mask_threshold,
-        keep_instances=False,
+    return infer_volume(
+        model, image, bones, crop_size=crop_size, device=torch.device(device), settings=settings
     )
-    return prediction.probability
 
 
 def predict_file(
@@ -69,18 +60,28 @@ def predict_file(
     output_dir: str | os.PathLike,
     *,
     device: str = "auto",
-    batch_size: int = 8,
-    score_threshold: float = 0.5,
-    mask_threshold: float = 0.5,
+    batch_size: int,
+    score_threshold: float | None = None,
+    mask_threshold: float | None = None,
     bone_names: dict[int, str] | None = None,
 ) -> dict[str, float]:
     """bmlseg-predict: write the probability and mask volumes and the BML volumes (mL).
+
+    ``score_threshold`` and ``mask_threshold`` None take the checkpoint's
+    (bmlseg.engine.evaluate.checkpoint_settings).
 
     Returns:
         BML volume in mL: ``{"total": ..., "femur": ..., ...}``.
     """
     target = resolve_device(device)
     state = checkpoints.load(checkpoint_path, target)
+    settings = checkpoint_settings(
+        state,
+        checkpoint_path,
+        batch_size=batch_size,
+        score_threshold=score_threshold,
+        mask_threshold=mask_threshold,
+    )
     model = checkpoints.model_from_checkpoint(state, target)
     image, geometry = read_volume(input_path)
     bones, bones_geometry = read_volume(bones_path)
@@ -91,16 +92,9 @@ def predict_file(
             f"{geometry.mismatch(bones_geometry) or 'none'})"
         )
     probability = predict_volume(
-        model,
-        image,
-        bones,
-        state["config"]["data"]["crop_size"],
-        device=target,
-        batch_size=batch_size,
-        score_threshold=score_threshold,
-        mask_threshold=mask_threshold,
+        model, image, bones, state["config"]["data"]["crop_size"], settings, device=target
     )
-    mask = probability >= mask_threshold
+    mask = probability >= settings.mask_threshold
     volumes = bml_volume_ml(mask, geometry.voxel_volume_ml, bones, bone_names or DEFAULT_BONES)
 
     name = _stem(Path(input_path))
@@ -110,7 +104,8 @@ def predict_file(
     report = {
         "input": str(input_path),
         "checkpoint": str(checkpoint_path),
-        "mask_threshold": mask_threshold,
+        "score_threshold": settings.score_threshold,
+        "mask_threshold": settings.mask_threshold,
         "bml_volume_ml": volumes,
     }
     write_text_atomic(out / f"{name}_bml_volume.json", json.dumps(report, indent=2) + "\n")

@@ -2,8 +2,9 @@
 
 ``bmlseg-report DIR`` reads each ``summary.json`` below DIR (one run, or a Hydra multirun folder),
 groups the runs by configuration (loss name, loss weights, normalization, label kind, label
-method), and gives the mean and sample standard deviation of each metric over the seeds. It writes
-``report.md``, ``report.csv`` and ``report.png`` (into DIR unless told otherwise).
+method), and gives the mean and sample standard deviation of each metric over the seeds that have
+it (an undefined metric, NaN, is left out and the count of seeds shown). It writes ``report.md``,
+``report.csv`` and ``report.png`` (into DIR unless told otherwise).
 """
 
 from __future__ import annotations
@@ -25,14 +26,28 @@ from matplotlib.figure import Figure
 
 from bmlseg.data.format import write_text_atomic
 from bmlseg.io import atomic_path
+from bmlseg.metrics import METRIC_KEYS
 
-__all__ = ["collect", "main_report", "markdown_table", "table", "write_report"]
+__all__ = [
+    "collect",
+    "main_report",
+    "markdown_table",
+    "paired",
+    "paired_markdown",
+    "table",
+    "write_report",
+]
 
-METRIC_KEYS = ("dice", "precision", "recall", "iou", "ap50", "ap75", "ece", "volume_mae_ml")
 SUMMARY_KEYS = (*METRIC_KEYS, "loss", "label_method", "seed", "run_dir")
 LOSS_KEYS = ("name", "bce", "sce", "rce", "mae", "normalized", "label_kind")
 LOSS_WEIGHTS = ("bce", "sce", "rce", "mae")
-# The rows of the paper's Table I, top to bottom; other loss presets follow by name.
+ORACLE = "truth_bce"  # the clean-label oracle: the upper bound of the noise gap
+BASELINE = "baseline_bce"  # what every other row is paired against, seed by seed
+# Mean Dice by which the oracle must beat the baseline for the share of that gap to be reported:
+# the Dice of one configuration varies by about 0.05 between seeds on the phantom.
+MIN_NOISE_GAP = 0.02
+# The rows of the paper's Table I, top to bottom; the oracle goes first, other loss presets
+# follow by name.
 PRESET_ORDER = (
     "baseline_bce",
     "apl_binary",
@@ -48,13 +63,34 @@ METRIC_COLUMNS = (
     ("ap50", "AP50 (%)", 100.0, 1),
     ("ap75", "AP75 (%)", 100.0, 1),
     ("iou", "IoU (%)", 100.0, 1),
-    ("recall", "Rec.", 1.0, 2),
-    ("precision", "Prec.", 1.0, 2),
+    ("lesion_recall", "Lesion rec.", 1.0, 2),
+    ("lesion_precision", "Lesion prec.", 1.0, 2),
+    ("slice_recall", "Slice rec.", 1.0, 2),
+    ("slice_precision", "Slice prec.", 1.0, 2),
     ("dice", "Dice", 1.0, 2),
     ("ece", "ECE", 1.0, 3),
     ("volume_mae_ml", "Vol. err (mL)", 1.0, 2),
 )
-FRACTION_METRICS = ("ap50", "ap75", "iou", "recall", "precision", "dice")
+# Compared with the baseline run of the same seed; the volume error is better when lower.
+PAIRED_TITLES = {
+    "dice": "Dice",
+    "lesion_recall": "lesion rec.",
+    "lesion_precision": "lesion prec.",
+    "ap50": "AP50",
+}
+PAIRED_METRICS = tuple(PAIRED_TITLES) + ("volume_mae_ml",)
+LOWER_IS_BETTER = ("volume_mae_ml",)
+SEED_PLOT_METRICS = (("dice", "Dice"), ("lesion_recall", "lesion recall"))
+FRACTION_METRICS = (
+    "ap50",
+    "ap75",
+    "iou",
+    "lesion_recall",
+    "lesion_precision",
+    "slice_recall",
+    "slice_precision",
+    "dice",
+)
 
 
 def _check_number(value: Any, path: Path, key: str) -> None:
@@ -109,21 +145,25 @@ def _configuration(row: dict[str, Any]) -> tuple:
 
 
 def _table_order(configuration: tuple) -> tuple:
+    order = (ORACLE, *PRESET_ORDER)
     name = configuration[0]
-    rank = PRESET_ORDER.index(name) if name in PRESET_ORDER else len(PRESET_ORDER)
+    rank = order.index(name) if name in order else len(order)
     return (rank, *configuration)
 
 
 def table(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Group runs by configuration; mean and std of each metric over the group's runs.
 
-    The std is the sample standard deviation (ddof=1), NaN for a group of one run. A NaN metric
-    in any run makes that group's mean NaN. Groups are ordered as Table I (PRESET_ORDER), then
-    other loss names alphabetically, then by weights, normalization and label method.
+    A run whose metric is NaN (undefined, e.g. a precision without predictions) is left out of
+    that metric's mean and std; ``<metric>_n`` counts the runs that have it. The std is the
+    sample standard deviation (ddof=1), NaN with fewer than two such runs; the mean is NaN
+    without any. Groups are ordered as Table I (the oracle, then PRESET_ORDER), then other loss
+    names alphabetically, then by weights, normalization and label method.
 
     Returns:
         One dict per configuration: method, bce, sce, rce, mae, normalized, label_kind,
-        label_method, n, seeds, and <metric>_mean, <metric>_std for each metric.
+        label_method, n, seeds, runs (the rows themselves), and <metric>_mean, <metric>_std,
+        <metric>_n for each metric.
     """
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for row in rows:
@@ -143,23 +183,32 @@ def table(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             "label_method": label_method,
             "n": len(members),
             "seeds": sorted(member["seed"] for member in members),
+            "runs": members,
         }
         for key in METRIC_KEYS:
             values = np.array([float(member[key]) for member in members])
-            entry[f"{key}_mean"] = float(values.mean())
+            values = values[~np.isnan(values)]
+            entry[f"{key}_mean"] = float(values.mean()) if len(values) else math.nan
             entry[f"{key}_std"] = float(values.std(ddof=1)) if len(values) > 1 else math.nan
+            entry[f"{key}_n"] = len(values)
         result.append(entry)
     return result
 
 
 def _format_metric(entry: dict[str, Any], key: str, scale: float, decimals: int) -> str:
+    """``mean ± std``, ``mean`` for one run; ``(k/n)`` after it when only k of the n runs have
+    the metric; ``n/a`` when none has."""
     mean = entry[f"{key}_mean"] * scale
     std = entry[f"{key}_std"] * scale
-    if math.isnan(mean):
+    count = entry[f"{key}_n"]
+    if count == 0:
         return "n/a"
-    if entry["n"] > 1:
-        return f"{mean:.{decimals}f} ± {std:.{decimals}f}"
-    return f"{mean:.{decimals}f}"
+    cell = f"{mean:.{decimals}f}"
+    if count > 1:
+        cell += f" ± {std:.{decimals}f}"
+    if count < entry["n"]:
+        cell += f" ({count}/{entry['n']})"
+    return cell
 
 
 def _label(entry: dict[str, Any]) -> str:
@@ -184,9 +233,108 @@ def markdown_table(entries: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def paired(entries: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each configuration against ``baseline_bce``, run by run: same seed, same dataset.
+
+    For each configuration but the baseline and each of PAIRED_METRICS: the mean and sample std
+    over the pairs of (run - baseline run), and ``wins``, the pairs where the run is higher
+    (lower for the volume error). Pairs where either side is NaN are left out. ``gap_share``
+    is the share of the noise gap recovered, (Dice of the row - Dice of the baseline) / (Dice of
+    the oracle - Dice of the baseline), from the mean Dice of each; NaN without an oracle or a
+    baseline run, or when the oracle beats the baseline by less than MIN_NOISE_GAP (a ratio
+    over a gap within seed noise means nothing).
+
+    Returns:
+        One dict per configuration other than the baseline, in table order: method,
+        label_method, pairs, noise_gap (the oracle's mean Dice - the baseline's), gap_share, and <metric>_diff_mean, <metric>_diff_std,
+        <metric>_wins, <metric>_pairs for each metric. Empty without baseline runs.
+
+    Raises:
+        ValueError: two baseline runs share a seed and a dataset.
+    """
+    baseline: dict[tuple, dict[str, Any]] = {}
+    for entry in entries:
+        if entry["method"] != BASELINE:
+            continue
+        for run in entry["runs"]:
+            key = _pair_key(run)
+            if key in baseline:
+                raise ValueError(
+                    f"{run['summary_path']}: a second {BASELINE} run for seed {key[0]} of "
+                    f"{key[1]} (the first: {baseline[key]['summary_path']}); pair against one"
+                )
+            baseline[key] = run
+    if not baseline:
+        return []
+    baseline_dice = _mean_dice(list(baseline.values()))
+    oracle_dice = _mean_dice([run for e in entries if e["method"] == ORACLE for run in e["runs"]])
+    gap = oracle_dice - baseline_dice
+    result = []
+    for entry in entries:
+        if entry["method"] == BASELINE:
+            continue
+        pairs = [
+            (run, baseline[_pair_key(run)]) for run in entry["runs"] if _pair_key(run) in baseline
+        ]
+        row: dict[str, Any] = {
+            "method": entry["method"],
+            "label_method": entry["label_method"],
+            "pairs": len(pairs),
+            "noise_gap": gap,
+            "gap_share": (
+                (entry["dice_mean"] - baseline_dice) / gap if gap >= MIN_NOISE_GAP else math.nan
+            ),
+        }
+        for key in PAIRED_METRICS:
+            differences = np.array([float(run[key]) - float(base[key]) for run, base in pairs])
+            differences = differences[~np.isnan(differences)]
+            better = -differences if key in LOWER_IS_BETTER else differences
+            row[f"{key}_diff_mean"] = float(differences.mean()) if len(differences) else math.nan
+            row[f"{key}_diff_std"] = (
+                float(differences.std(ddof=1)) if len(differences) > 1 else math.nan
+            )
+            row[f"{key}_wins"] = int((better > 0).sum())
+            row[f"{key}_pairs"] = len(differences)
+        result.append(row)
+    return result
+
+
+def _pair_key(run: dict[str, Any]) -> tuple:
+    return (run["seed"], run.get("data_root"))
+
+
+def _mean_dice(runs: Sequence[dict[str, Any]]) -> float:
+    values = np.array([float(run["dice"]) for run in runs])
+    values = values[~np.isnan(values)]
+    return float(values.mean()) if len(values) else math.nan
+
+
+def paired_markdown(rows: Sequence[dict[str, Any]]) -> str:
+    """paired() as markdown: per metric, mean ± std of the difference and the wins."""
+    header = ["Method", "Label", "pairs"]
+    header += [f"Δ {title}" for key, title in PAIRED_TITLES.items()] + ["noise gap recovered"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [row["method"], row["label_method"], str(row["pairs"])]
+        for key in PAIRED_TITLES:
+            count = row[f"{key}_pairs"]
+            if count == 0:
+                cells.append("n/a")
+                continue
+            cell = f"{row[f'{key}_diff_mean']:+.2f}"
+            if count > 1:
+                cell += f" ± {row[f'{key}_diff_std']:.2f}"
+            cells.append(f"{cell} ({row[f'{key}_wins']}/{count} better)")
+        share = row["gap_share"]
+        cells.append("n/a" if math.isnan(share) else f"{100 * share:.0f}%")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _csv_text(entries: Sequence[dict[str, Any]]) -> str:
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(entries[0]), lineterminator="\n")
+    columns = [column for column in entries[0] if column != "runs"]
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
     for entry in entries:
         writer.writerow({**entry, "seeds": " ".join(str(seed) for seed in entry["seeds"])})
@@ -220,6 +368,24 @@ def _figure(entries: Sequence[dict[str, Any]]) -> Figure:
     return figure
 
 
+def _seeds_figure(entries: Sequence[dict[str, Any]]) -> Figure:
+    """Dice and lesion recall per configuration: each seed a point, the mean a bar."""
+    figure = Figure(figsize=(1.2 * len(entries) + 3, 4.5), layout="constrained")
+    FigureCanvasAgg(figure)
+    panels = figure.subplots(1, len(SEED_PLOT_METRICS), squeeze=False)[0]
+    positions = np.arange(len(entries))
+    names = [f"{entry['method']}\n{entry['label_method']}" for entry in entries]
+    for axes, (key, title) in zip(panels, SEED_PLOT_METRICS, strict=True):
+        axes.bar(positions, [entry[f"{key}_mean"] for entry in entries], 0.6, color="0.85")
+        for position, entry in zip(positions, entries, strict=True):
+            values = [float(run[key]) for run in entry["runs"]]
+            axes.scatter([position] * len(values), values, color="black", s=14, zorder=3)
+        axes.set_xticks(positions, names, rotation=45, ha="right", fontsize=8)
+        axes.set_ylim(0, 1)
+        axes.set_title(f"{title} (bar: mean, points: seeds)")
+    return figure
+
+
 def _save_figure_atomic(figure: Figure, path: Path) -> Path:
     with atomic_path(path) as temporary:
         figure.savefig(temporary, format="png", dpi=120)
@@ -231,22 +397,39 @@ def write_report(
 ) -> dict[str, Path]:
     """Write report.md, report.csv and report.png for the runs below directory.
 
+    report.md also holds the paired comparison with baseline_bce (when there are baseline
+    runs) and report_seeds.png Dice and lesion recall per configuration with every seed.
+
     Returns:
-        {"md": path, "csv": path, "png": path}
+        {"md": path, "csv": path, "png": path, "seeds_png": path}
     """
     rows = collect(directory)
     entries = table(rows)
+    comparison = paired(entries)
     out_dir = Path(directory if out_dir is None else out_dir)
     heading = (
         f"# bmlseg report\n\n{len(rows)} runs below `{directory}`, {len(entries)} "
         "configurations. AP and IoU in %, recall, precision, Dice and ECE as fractions, volume "
         "error as mean absolute error in mL; mean ± sample std over the n runs of a "
-        "configuration when n > 1.\n\n"
+        "configuration when n > 1. A run whose metric is undefined (NaN) is left out of that "
+        "mean, and (k/n) says that k of the n runs have it.\n\n"
     )
+    text = heading + markdown_table(entries)
+    if comparison:
+        gap = comparison[0]["noise_gap"]
+        text += (
+            f"\n## Against {BASELINE}, seed by seed\n\nMean ± sample std over the pairs of "
+            f"(run - {BASELINE} run of the same seed and dataset), and how many pairs the run "
+            "wins. Noise gap recovered: (Dice - Dice of the baseline) / (Dice of the oracle "
+            f"{ORACLE} - Dice of the baseline), from the mean Dice of each; the noise gap here is "
+            f"{gap:.3f} (n/a under {MIN_NOISE_GAP}, or without the oracle).\n\n"
+        )
+        text += paired_markdown(comparison)
     return {
-        "md": write_text_atomic(out_dir / "report.md", heading + markdown_table(entries)),
+        "md": write_text_atomic(out_dir / "report.md", text),
         "csv": write_text_atomic(out_dir / "report.csv", _csv_text(entries)),
         "png": _save_figure_atomic(_figure(entries), out_dir / "report.png"),
+        "seeds_png": _save_figure_atomic(_seeds_figure(entries), out_dir / "report_seeds.png"),
     }
 
 
@@ -265,5 +448,5 @@ def main_report(argv: Sequence[str] | None = None) -> int:
         print(f"bmlseg-report: error: {error}", file=sys.stderr)
         return 1
     print(paths["md"].read_text(encoding="utf-8"), end="")
-    print(f"\nwrote {paths['md']}, {paths['csv']}, {paths['png']}")
+    print(f"\nwrote {', '.join(str(path) for path in paths.values())}")
     return 0

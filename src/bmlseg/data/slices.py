@@ -15,8 +15,8 @@ Conventions (docs/dataset.md has the long form):
 - Boxes are ``(x0, y0, x1, y1)`` in crop pixels with *exclusive* ends: a component whose
   columns run from 4 to 9 has ``x0 = 4, x1 = 10`` (torchvision's ``masks_to_boxes`` + 1), so a
   one-pixel instance has width 1 and pixel ``i`` covers ``[i, i + 1)``.
-- Instances are the 8-connected components of ``label > 0`` within the cropped slice; each
-  instance's mask holds the soft label values inside its component and 0 elsewhere.
+- Instances are the confident parts of the label (bmlseg.data.instances): components of
+  ``label >= threshold`` of some minimum area, with the soft values around them as masks.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy import ndimage
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
@@ -39,11 +38,11 @@ from bmlseg.data.format import (
     read_dataset_json,
     softlabel_path,
 )
+from bmlseg.data.instances import InstanceOptions, components, label_instances, masks_to_boxes
 from bmlseg.io import read_volume
 
 # IQR of a standard normal distribution: IQR / 1.349 estimates the standard deviation.
 NORMAL_IQR = 1.349
-EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 
 
 def normalize_volume(image: np.ndarray, bones: np.ndarray) -> np.ndarray:
@@ -173,6 +172,7 @@ class _CroppedCase:
     bones: np.ndarray  # uint8
     label: np.ndarray | None  # float32 soft label in [0, 1]
     truth: np.ndarray | None  # uint8 ground truth
+    pixel_area_mm2: float
 
 
 class SliceDataset(Dataset):
@@ -195,10 +195,11 @@ class SliceDataset(Dataset):
         mirror: flip each sample horizontally with probability 1/2, drawn from
             ``(seed, epoch, index)``: reproducible with any number of workers, new each epoch
             (see :meth:`set_epoch`).
-        lesion_free_ratio: lesion-free slices (with bone, without label) drawn per labelled
-            slice; drawn once, seeded.
+        lesion_free_ratio: lesion-free slices (with bone, without any instance) drawn per slice
+            with an instance; drawn once, seeded.
         per_bone_classes: label each instance with the bone under most of it (1..3 with the
             default bones) instead of 1; an instance lying wholly outside bone is dropped.
+        instances: how instances are cut from the label; None: InstanceOptions' defaults.
         seed: seed of the lesion-free draw and the mirroring.
     """
 
@@ -213,6 +214,7 @@ class SliceDataset(Dataset):
         mirror: bool = False,
         lesion_free_ratio: float = 0.25,
         per_bone_classes: bool = False,
+        instances: InstanceOptions | None = None,
         seed: int = 0,
     ) -> None:
         if label_method is not None and label_volumes is not None:
@@ -225,6 +227,7 @@ class SliceDataset(Dataset):
         self.crop_size = crop_size
         self.mirror = mirror
         self.per_bone_classes = per_bone_classes
+        self.instance_options = instances or InstanceOptions()
         self.seed = seed
         self.epoch = 0
         self.has_labels = label_method is not None or label_volumes is not None
@@ -265,7 +268,7 @@ class SliceDataset(Dataset):
             image, bones = image[..., ::-1], bones[..., ::-1]
             label = label[..., ::-1] if label is not None else None
             truth = truth[..., ::-1] if truth is not None else None
-        target = self._instances(label, bones)
+        target = self._instances(label, bones, case.pixel_area_mm2)
         target.update(
             case_id=case.case_id,
             slice_index=slice_index,
@@ -307,56 +310,44 @@ class SliceDataset(Dataset):
             bones=crop_volume(case.bones, box),
             label=crop_volume(label, box) if label is not None else None,
             truth=crop_volume(case.mask, box) if case.mask is not None else None,
+            pixel_area_mm2=case.geometry.spacing[0] * case.geometry.spacing[1],
         )
 
     def _choose_samples(self, lesion_free_ratio: float) -> list[tuple[int, int]]:
-        """(case index, slice index) of every labelled slice plus a seeded lesion-free draw."""
+        """(case index, slice index) of every slice with an instance plus a seeded lesion-free
+        draw among the slices with bone and without instance."""
         if not self.has_labels:
             return [(c, s) for c, case in enumerate(self.cases) for s in range(len(case.image))]
-        labelled, lesion_free = [], []
+        with_instance, lesion_free = [], []
         for case_index, case in enumerate(self.cases):
-            has_label = np.any(case.label > 0, axis=(1, 2))
-            has_bone = np.any(case.bones > 0, axis=(1, 2))
-            labelled += [(case_index, int(s)) for s in np.flatnonzero(has_label)]
-            lesion_free += [(case_index, int(s)) for s in np.flatnonzero(has_bone & ~has_label)]
-        count = min(round(lesion_free_ratio * len(labelled)), len(lesion_free))
+            for slice_index in range(len(case.image)):
+                boxes, _ = label_instances(
+                    case.label[slice_index], self.instance_options, case.pixel_area_mm2
+                )
+                if len(boxes):
+                    with_instance.append((case_index, slice_index))
+                elif case.bones[slice_index].any():
+                    lesion_free.append((case_index, slice_index))
+        count = min(round(lesion_free_ratio * len(with_instance)), len(lesion_free))
         chosen = np.random.default_rng(self.seed).choice(len(lesion_free), count, replace=False)
-        return sorted(labelled + [lesion_free[i] for i in chosen])
+        return sorted(with_instance + [lesion_free[i] for i in chosen])
 
-    def _instances(self, label: np.ndarray | None, bones: np.ndarray) -> dict[str, torch.Tensor]:
+    def _instances(
+        self, label: np.ndarray | None, bones: np.ndarray, pixel_area_mm2: float
+    ) -> dict[str, torch.Tensor]:
         """boxes [N, 4], labels [N], masks [N, C, C] from one cropped slice's soft label."""
         if label is None:
             label = np.zeros((self.crop_size, self.crop_size), dtype=np.float32)
-        masks = components(label > 0)
+        boxes, masks = label_instances(label, self.instance_options, pixel_area_mm2)
         classes = np.ones(len(masks), dtype=np.int64)
         if self.per_bone_classes:
-            classes = np.array([_majority_bone(bones[mask]) for mask in masks], dtype=np.int64)
-            masks, classes = masks[classes > 0], classes[classes > 0]
+            classes = np.array([_majority_bone(bones[mask > 0]) for mask in masks], dtype=np.int64)
+            boxes, masks, classes = boxes[classes > 0], masks[classes > 0], classes[classes > 0]
         return {
-            "boxes": torch.from_numpy(masks_to_boxes(masks)),
+            "boxes": torch.from_numpy(boxes),
             "labels": torch.from_numpy(classes),
-            "masks": torch.from_numpy(np.where(masks, label, 0).astype(np.float32)),
+            "masks": torch.from_numpy(masks),
         }
-
-
-def components(binary: np.ndarray) -> np.ndarray:
-    """8-connected components of ``binary`` ``[H, W]`` as boolean masks ``[N, H, W]``."""
-    labelled, count = ndimage.label(binary, structure=EIGHT_CONNECTED)
-    return labelled[None] == np.arange(1, count + 1)[:, None, None]
-
-
-def masks_to_boxes(masks: np.ndarray) -> np.ndarray:
-    """Tight boxes (x0, y0, x1, y1), exclusive ends, of non-empty masks ``[N, H, W]``.
-
-    Returns:
-        ``[N, 4]`` float32.
-    """
-    boxes = np.zeros((len(masks), 4), dtype=np.float32)
-    for index, mask in enumerate(masks):
-        rows = np.flatnonzero(mask.any(axis=1))
-        columns = np.flatnonzero(mask.any(axis=0))
-        boxes[index] = (columns[0], rows[0], columns[-1] + 1, rows[-1] + 1)
-    return boxes
 
 
 def collate_detection(

@@ -166,7 +166,7 @@ def generate(
     noise: str | ReaderNoise = "paper",
     preview: bool = False,
 ) -> DatasetInfo:
-    """Write a synthetic dataset folder (DESIGN.md) for ``n_subjects`` subjects, two scans each.
+    """Write a synthetic dataset folder (docs/design.md) for ``n_subjects`` subjects, two scans each.
 
     Same ``seed`` gives byte-identical arrays and annotations.csv; a subject's scans do not
     depend on ``n_subjects``. The realized reader-noise statistics (see :func:`noise_statistics`)

@@ -2,8 +2,10 @@
 
 A checkpoint is a dict of tensors, numbers, strings, lists and dicts only::
 
-    {"step", "model", "optimizer", "scaler", "best": {"metric", "value", "step"},
-     "rng": [one state per rank], "config": the run's resolved config, "num_classes"}
+    {"step", "model", "optimizer", "scaler",
+     "best": {"metric", "value", "step", "score_threshold"},
+     "rng": [one state per rank], "config": the run's resolved config, "num_classes",
+     "label_method"}
 """
 
 from __future__ import annotations

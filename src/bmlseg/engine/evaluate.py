@@ -7,10 +7,11 @@ volume's grid, so the metrics see the full volume (outside the crop: no lesion).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,19 +35,33 @@ from bmlseg.data.slices import VolumeSlices, paste_volume
 from bmlseg.engine import checkpoint as checkpoints
 from bmlseg.engine.distributed import resolve_device
 from bmlseg.io import atomic_path
-from bmlseg.metrics import VolumeMetrics
+from bmlseg.metrics import METRIC_KEYS, SCORE_GRID, VolumeMetrics, probability_maps
 from bmlseg.models import probability_map
 
-METRIC_KEYS = ("dice", "precision", "recall", "iou", "ap50", "ap75", "ece", "volume_mae_ml")
 SUMMARY_LOSS_KEYS = ("name", "bce", "sce", "rce", "mae", "normalized", "label_kind")
 
 
-@dataclass
-class VolumePrediction:
-    """A model's output on one volume, in the volume's own ``[S, H, W]`` grid."""
+@dataclass(frozen=True)
+class InferenceSettings:
+    """How a model's detections on a volume become what is scored or written.
 
-    probability: np.ndarray  # [S, H, W] float32 in [0, 1]
-    instances: list[tuple[np.ndarray, np.ndarray]]  # per slice: masks [N, H, W] bool, scores [N]
+    Attributes:
+        score_threshold: the operating threshold: detections scoring at or above it make the
+            probability map, the BML mask and every metric but AP. None, in evaluation only:
+            chosen on the evaluated cases, the value of bmlseg.metrics.SCORE_GRID with the best
+            mean Dice.
+        mask_threshold: mask probability at or above which a pixel is in an instance, and a voxel
+            of the probability map is BML.
+        batch_size: slices per forward pass.
+        min_score: detections scoring under it (and under score_threshold, if that is lower)
+            are dropped; AP ranks all the others. 0.05 is torchvision's default
+            ``box_score_thresh``.
+    """
+
+    score_threshold: float | None
+    mask_threshold: float
+    batch_size: int
+    min_score: float = 0.05
 
 
 def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
@@ -66,7 +81,36 @@ def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if amp == "bf16" else torch.float16
 
 
-@torch.no_grad()
+@contextlib.contextmanager
+def _score_floor(model: nn.Module, score: float) -> Iterator[None]:
+    """Make the model keep the detections scoring >= ``score`` (its ``box_score_thresh``)."""
+    saved = model.roi_heads.score_thresh
+    model.roi_heads.score_thresh = score
+    try:
+        yield
+    finally:
+        model.roi_heads.score_thresh = saved
+
+
+def _model_outputs(
+    model: nn.Module,
+    slices: VolumeSlices,
+    device: torch.device,
+    batch_size: int,
+    precision: torch.dtype | None,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """The eval output of ``model`` on each slice, in slice order, one batch at a time."""
+    for start in range(0, len(slices), batch_size):
+        indices = range(start, min(start + batch_size, len(slices)))
+        with (
+            torch.no_grad(),
+            torch.autocast(device.type, dtype=precision, enabled=precision is not None),
+        ):
+            outputs = model([slices[index].to(device) for index in indices])
+        # Yielded outside the context: grad and autocast modes must not leak to the consumer.
+        yield from outputs
+
+
 def infer_volume(
     model: nn.Module,
     image: np.ndarray,
@@ -74,75 +118,48 @@ def infer_volume(
     *,
     crop_size: int,
     device: torch.device,
-    batch_size: int = 8,
-    score_threshold: float = 0.5,
-    mask_threshold: float = 0.5,
+    settings: InferenceSettings,
     precision: torch.dtype | None = None,
-    keep_instances: bool = True,
-) -> VolumePrediction:
-    """Run ``model`` (in eval mode) over every slice of one volume.
+) -> np.ndarray:
+    """The BML probability map ``[S, H, W]`` float32 of one volume (``model`` in eval mode).
 
     Args:
         image: ``[S, H, W]`` raw intensities; normalized here as in training.
         bones: ``[S, H, W]`` bone labels; they place the crop and the normalization.
-        score_threshold: detections below this score are dropped.
-        mask_threshold: instance mask probability at or above which a pixel is in the instance.
-        keep_instances: also return the kept instances (for the detection metrics).
-
-    Returns:
-        The probability map (maximum over kept instances, 0 elsewhere) and, per slice, the kept
-        instances as full-size boolean masks with their scores.
+        settings: its score_threshold must be set.
     """
+    threshold = settings.score_threshold
+    if threshold is None:
+        raise ValueError("infer_volume: the probability map needs a score_threshold")
     slices = VolumeSlices(image, bones, crop_size)
-    saved_threshold = model.roi_heads.score_thresh
-    try:
-        # Detections under score_threshold are dropped below anyway; dropping them before the
-        # mask head spares its cost (most of inference on CPU).
-        model.roi_heads.score_thresh = max(saved_threshold, score_threshold)
-        probability_crops, instances = _infer_slices(
-            model,
-            slices,
-            device,
-            batch_size,
-            score_threshold,
-            mask_threshold,
-            precision,
-            keep_instances,
-        )
-    finally:
-        model.roi_heads.score_thresh = saved_threshold
-    return VolumePrediction(slices.paste(probability_crops), instances)
+    crop_shape = slices.crops.shape[1:]
+    probability = np.zeros((len(slices), *crop_shape), dtype=np.float32)
+    # Detections under the threshold leave the map unchanged: the mask head is spared them.
+    with _score_floor(model, threshold):
+        outputs = _model_outputs(model, slices, device, settings.batch_size, precision)
+        for index, output in enumerate(outputs):
+            probability[index] = probability_map(output, crop_shape, threshold).float().cpu()
+    return slices.paste(probability)
 
 
-def _infer_slices(
+def volume_detections(
     model: nn.Module,
     slices: VolumeSlices,
+    *,
     device: torch.device,
-    batch_size: int,
-    score_threshold: float,
-    mask_threshold: float,
-    precision: torch.dtype | None,
-    keep_instances: bool,
-) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
-    """Crop probabilities [S, C, C] and full-size kept instances of every slice."""
-    count = len(slices)
-    crop_size = slices.box[2] - slices.box[0]
-    probability = np.zeros((count, crop_size, crop_size), dtype=np.float32)
-    instances: list[tuple[np.ndarray, np.ndarray]] = []
-    for start in range(0, count, batch_size):
-        indices = range(start, min(start + batch_size, count))
-        batch = [slices[index].to(device) for index in indices]
-        with torch.autocast(device.type, dtype=precision, enabled=precision is not None):
-            outputs = model(batch)
-        for index, output in zip(indices, outputs, strict=True):
-            shape = (crop_size, crop_size)
-            probability[index] = probability_map(output, shape, score_threshold).float().cpu()
-            if keep_instances:
-                kept = output["scores"] >= score_threshold
-                masks = (output["masks"][kept, 0].float() >= mask_threshold).cpu().numpy()
-                full = paste_volume(masks, slices.box, (len(masks), *slices.shape[1:]))
-                instances.append((full, output["scores"][kept].float().cpu().numpy()))
-    return probability, instances
+    settings: InferenceSettings,
+    floor: float,
+    precision: torch.dtype | None = None,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Per slice, the detections scoring >= ``floor``: (masks ``[N, H, W]`` float32 mask
+    probabilities in the volume's grid, scores ``[N]``), as bmlseg.metrics.VolumeMetrics takes
+    them. A generator: one batch of slices is in memory at a time."""
+    full_shape = slices.shape[1:]
+    with _score_floor(model, floor):
+        for output in _model_outputs(model, slices, device, settings.batch_size, precision):
+            masks = output["masks"][:, 0].float().cpu().numpy()
+            scores = output["scores"].float().cpu().numpy()
+            yield paste_volume(masks, slices.box, (len(masks), *full_shape)), scores
 
 
 def split_cases(info: DatasetInfo, split: str, limit: int | None = None) -> list[str]:
@@ -170,26 +187,32 @@ def evaluate_cases(
     *,
     crop_size: int,
     device: torch.device,
-    batch_size: int = 8,
-    score_threshold: float = 0.5,
-    mask_threshold: float = 0.5,
+    settings: InferenceSettings,
     precision: torch.dtype | None = None,
     preview_slices: int = 4,
     description: str = "eval",
 ) -> tuple[dict[str, float], list[Example]]:
     """Volume metrics (bmlseg.metrics.VolumeMetrics.summary) of ``model`` on ``cases``.
 
+    With ``settings.score_threshold`` None the operating threshold is the value of SCORE_GRID
+    with the best mean Dice on these cases, found from one inference pass; the summary's
+    ``score_threshold`` says which threshold its figures are at.
+
     Returns:
         The summary, and up to ``preview_slices`` example slices (those with the most ground
-        truth, at most two per case).
+        truth, at most two per case), with the probability map at that threshold.
 
     Raises:
         FileNotFoundError: a case has no ``masks/<id>.nii.gz`` ground truth.
     """
     info = read_dataset_json(root)
     annotations = read_annotations(root)
-    metrics = VolumeMetrics()
-    examples: list[tuple[int, Example]] = []
+    thresholds = SCORE_GRID if settings.score_threshold is None else (settings.score_threshold,)
+    # Detections between min_score and the lowest candidate threshold count for AP only.
+    floor = min(settings.min_score, thresholds[0])
+    metrics = VolumeMetrics(thresholds, settings.mask_threshold)
+    # (truth area, title, image, truth, probability map at each candidate threshold)
+    previews: list[tuple[int, str, np.ndarray, np.ndarray, np.ndarray]] = []
     for case_id in tqdm(cases, desc=description, unit="volume", leave=False, disable=None):
         case = load_case(root, case_id, info=info, annotations=annotations)
         if case.mask is None:
@@ -197,39 +220,93 @@ def evaluate_cases(
                 f"{mask_path(root, case_id)}: missing; evaluating needs the pixelwise ground truth "
                 f"of every evaluated case"
             )
-        prediction = infer_volume(
+        truth = case.mask > 0
+        areas = truth.sum(axis=(1, 2))
+        shown = np.argsort(-areas, kind="stable")[: min(2, preview_slices)].tolist()
+        maps: dict[int, np.ndarray] = {}
+        detections = volume_detections(
             model,
-            case.image,
-            case.bones,
-            crop_size=crop_size,
+            VolumeSlices(case.image, case.bones, crop_size),
             device=device,
-            batch_size=batch_size,
-            score_threshold=score_threshold,
-            mask_threshold=mask_threshold,
+            settings=settings,
+            floor=floor,
             precision=precision,
         )
-        truth = case.mask > 0
         metrics.add(
             case_id,
-            prediction.probability,
-            prediction.instances,
+            _keeping_maps(detections, shown, thresholds, maps),
             truth,
             case.bones,
             case.geometry.voxel_volume_ml,
             info.bones,
-            threshold=mask_threshold,
         )
-        areas = truth.sum(axis=(1, 2))
-        for index in np.argsort(-areas, kind="stable")[: min(2, preview_slices)]:
-            example = Example(
+        previews += [
+            (
+                int(areas[index]),
                 f"{case_id} slice {index}",
                 case.image[index],
                 truth[index],
-                prediction.probability[index],
+                maps[index],
             )
-            examples.append((int(areas[index]), example))
-    examples.sort(key=lambda item: -item[0])
-    return metrics.summary(), [example for _, example in examples[:preview_slices]]
+            for index in shown
+        ]
+        # Keep only the slices that can still make the figure.
+        previews.sort(key=lambda item: -item[0])
+        del previews[preview_slices:]
+    chosen = metrics.chosen()
+    examples = [
+        Example(title, image, mask, maps[chosen]) for _, title, image, mask, maps in previews
+    ]
+    return metrics.summary(), examples
+
+
+def _keeping_maps(
+    detections: Iterator[tuple[np.ndarray, np.ndarray]],
+    indices: Sequence[int],
+    thresholds: Sequence[float],
+    maps: dict[int, np.ndarray],
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Pass ``detections`` on, storing the probability maps (``[T, H, W]``) of the slices
+    ``indices`` in ``maps``."""
+    for index, (masks, scores) in enumerate(detections):
+        if index in indices:
+            maps[index] = probability_maps(masks, scores, thresholds)
+        yield masks, scores
+
+
+def recorded_score_threshold(checkpoint: dict[str, Any], path: str | os.PathLike) -> float:
+    """The score threshold chosen (or fixed) at the validation of the checkpoint's best.pt.
+
+    It is ``checkpoint["best"]["score_threshold"]``; last.pt carries best.pt's too.
+    """
+    threshold = checkpoint["best"].get("score_threshold")
+    if threshold is None:
+        raise ValueError(
+            f"{path}: no score threshold recorded (written before the first validation, or by an "
+            "older bmlseg); pass score_threshold=..."
+        )
+    return float(threshold)
+
+
+def checkpoint_settings(
+    checkpoint: dict[str, Any],
+    path: str | os.PathLike,
+    *,
+    batch_size: int,
+    score_threshold: float | None,
+    mask_threshold: float | None,
+) -> InferenceSettings:
+    """Inference settings for a trained checkpoint; a threshold given as None is the
+    checkpoint's own: the recorded score threshold, and its ``train.mask_threshold``."""
+    return InferenceSettings(
+        score_threshold=recorded_score_threshold(checkpoint, path)
+        if score_threshold is None
+        else score_threshold,
+        mask_threshold=checkpoint["config"]["train"]["mask_threshold"]
+        if mask_threshold is None
+        else mask_threshold,
+        batch_size=batch_size,
+    )
 
 
 def write_run_outputs(
@@ -245,7 +322,7 @@ def write_run_outputs(
 ) -> dict[str, Path]:
     """summary.json (metrics + what was trained) and predictions.png, both atomic.
 
-    Undefined metrics (e.g. precision without any prediction) are written as NaN, which
+    Undefined metrics (e.g. a precision without any prediction) are written as NaN, which
     Python's json reads back; bmlseg-report shows them as such.
     """
     config = checkpoint["config"]
@@ -301,19 +378,27 @@ def evaluate_checkpoint(
     root: str | os.PathLike | None = None,
     split: str = "test",
     device: str = "auto",
-    batch_size: int = 8,
-    score_threshold: float = 0.5,
-    mask_threshold: float = 0.5,
+    batch_size: int,
+    score_threshold: float | None = None,
+    mask_threshold: float | None = None,
     max_cases: int | None = None,
     preview_slices: int = 4,
 ) -> dict[str, float]:
     """bmlseg-eval: score a checkpoint on ``split`` of ``root`` (default: its training data).
 
+    ``score_threshold`` and ``mask_threshold`` None take the checkpoint's (checkpoint_settings).
     Writes summary.json and predictions.png into ``out_dir``; returns the metrics.
     """
     started = time.perf_counter()
     target = resolve_device(device)
     state = checkpoints.load(checkpoint_path, target)
+    settings = checkpoint_settings(
+        state,
+        checkpoint_path,
+        batch_size=batch_size,
+        score_threshold=score_threshold,
+        mask_threshold=mask_threshold,
+    )
     model = checkpoints.model_from_checkpoint(state, target)
     config = state["config"]
     root = root if root is not None else config["data"]["root"]
@@ -324,9 +409,7 @@ def evaluate_checkpoint(
         cases,
         crop_size=config["data"]["crop_size"],
         device=target,
-        batch_size=batch_size,
-        score_threshold=score_threshold,
-        mask_threshold=mask_threshold,
+        settings=settings,
         precision=autocast_dtype(config["train"]["amp"], target) if target.type == "cuda" else None,
         preview_slices=preview_slices,
         description=split,
@@ -342,6 +425,9 @@ def evaluate_checkpoint(
         wall_time_s=time.perf_counter() - started,
     )
     shown = ", ".join(f"{key} {scores[key]:.4f}" for key in METRIC_KEYS)
-    print(f"{checkpoint_path} on {len(cases)} {split} volumes of {root}: {shown}")
+    print(
+        f"{checkpoint_path} on {len(cases)} {split} volumes of {root} at score threshold "
+        f"{settings.score_threshold}: {shown}"
+    )
     print(f"wrote {paths['summary']}")
     return scores

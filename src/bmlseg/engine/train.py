@@ -7,9 +7,11 @@ checkpoints that a killed run resumes from, and a final evaluation on the test s
 Outputs in ``run_dir`` (rank 0 only)::
 
     metrics.csv              one row per validation: step, lr, mean train losses, val metrics
+                             (val_score_threshold: the operating threshold they are at)
     checkpoints/last.pt      the latest state (model, optimizer, scaler, step, RNG, config)
-    checkpoints/best.pt      the state with the best val ``train.best_metric``
-    summary.json             test metrics of best.pt, loss weights, label method, ...
+    checkpoints/best.pt      the state with the best val ``train.best_metric``, its threshold
+                             in ``best["score_threshold"]``
+    summary.json             test metrics of best.pt at that threshold, loss weights, ...
     predictions.png          a few test slices: image, truth, predicted probability
     tensorboard/             with train.tensorboard=true
 """
@@ -17,6 +19,7 @@ Outputs in ``run_dir`` (rank 0 only)::
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import math
 import random
@@ -35,10 +38,18 @@ from tqdm import tqdm
 
 from bmlseg import labels as soft_labels
 from bmlseg.data.format import read_dataset_json, write_text_atomic
+from bmlseg.data.instances import InstanceOptions
 from bmlseg.data.slices import SliceDataset, collate_detection
 from bmlseg.engine import checkpoint as checkpoints
 from bmlseg.engine import distributed
-from bmlseg.engine.evaluate import autocast_dtype, evaluate_cases, split_cases, write_run_outputs
+from bmlseg.engine.evaluate import (
+    InferenceSettings,
+    autocast_dtype,
+    evaluate_cases,
+    recorded_score_threshold,
+    split_cases,
+    write_run_outputs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +66,14 @@ def train(cfg: DictConfig, run_dir: str | Path) -> float:
     Returns:
         The best validation value of ``train.best_metric`` (what a Hydra sweeper optimizes).
     """
+    summary_path = Path(run_dir) / "summary.json"
+    if cfg.train.resume and summary_path.exists():
+        # A sweep rerun with train.resume=true goes on where it stopped: runs that finished
+        # the steps asked for are kept as they are.
+        summary = json.loads(summary_path.read_text(encoding="utf-8"))
+        if summary["steps"] == cfg.train.steps:
+            log.info("%s: finished %d steps earlier; skipped", summary_path, summary["steps"])
+            return float(summary["best"]["value"])
     context = distributed.setup(cfg.train.device)
     try:
         return _train(cfg, Path(context.broadcast(str(run_dir))), context)
@@ -95,7 +114,14 @@ def _train(cfg: DictConfig, run_dir: Path, context: distributed.Distributed) -> 
 
     checkpoint_dir = run_dir / "checkpoints"
     start_step = 0
-    best = {"metric": settings.best_metric.value, "value": -math.inf, "step": 0}
+    # score_threshold: the operating threshold of the best state's validation (fixed, or chosen
+    # there); the test evaluation and bmlseg-eval/-predict use it.
+    best = {
+        "metric": settings.best_metric.value,
+        "value": -math.inf,
+        "step": 0,
+        "score_threshold": settings.score_threshold,
+    }
     if settings.resume:
         resumed = resume(checkpoint_dir / "last.pt", model, optimizer, scaler, context)
         if resumed is not None:
@@ -206,7 +232,11 @@ def _train(cfg: DictConfig, run_dir: Path, context: distributed.Distributed) -> 
                 # lowest, and the first validation always makes a best.pt.
                 new_best = (-math.inf if math.isnan(value) else value) >= best["value"]
                 if new_best:
-                    best.update(value=-math.inf if math.isnan(value) else value, step=step)
+                    best.update(
+                        value=-math.inf if math.isnan(value) else value,
+                        step=step,
+                        score_threshold=scores["score_threshold"],
+                    )
                 log.info(
                     "step %d: train loss %.4f, val %s %.4f (best %.4f at step %d)",
                     step,
@@ -242,13 +272,22 @@ def finish(
     precision: torch.dtype | None,
     started: float,
 ) -> None:
-    """Evaluate best.pt on the test split; write summary.json and predictions.png."""
-    state = checkpoints.load(checkpoint_dir / "best.pt", device)
+    """Evaluate best.pt on the test split at the score threshold of its validation; write
+    summary.json and predictions.png."""
+    path = checkpoint_dir / "best.pt"
+    state = checkpoints.load(path, device)
     model = checkpoints.model_from_checkpoint(state, device)
     info = read_dataset_json(cfg.data.root)
     cases = split_cases(info, "test", cfg.train.test_max_cases)
     scores, examples = evaluate_split(
-        model, cfg, cases, device, precision, preview_slices=cfg.train.preview_slices, split="test"
+        model,
+        cfg,
+        cases,
+        device,
+        precision,
+        score_threshold=recorded_score_threshold(state, path),
+        preview_slices=cfg.train.preview_slices,
+        split="test",
     )
     write_run_outputs(
         run_dir,
@@ -270,11 +309,20 @@ def validate(
     device: torch.device,
     precision: torch.dtype | None,
 ) -> dict[str, float]:
-    """Volume metrics of the model on the validation cases; leaves the model in train mode."""
+    """Volume metrics of the model on the validation cases, at ``train.score_threshold`` or, when
+    it is None, at the threshold chosen on them (``scores["score_threshold"]``); leaves the
+    model in train mode."""
     model.eval()
     try:
         scores, _ = evaluate_split(
-            model, cfg, cases, device, precision, preview_slices=0, split="val"
+            model,
+            cfg,
+            cases,
+            device,
+            precision,
+            score_threshold=cfg.train.score_threshold,
+            preview_slices=0,
+            split="val",
         )
     finally:
         model.train()
@@ -288,19 +336,24 @@ def evaluate_split(
     device: torch.device,
     precision: torch.dtype | None,
     *,
+    score_threshold: float | None,
     preview_slices: int,
     split: str,
 ) -> tuple[dict[str, float], list]:
-    """evaluate_cases with the run's data and train settings (thresholds, batch)."""
+    """evaluate_cases with the run's data and train settings (mask threshold, batch) at
+    ``score_threshold`` (None: chosen on ``cases``)."""
+    settings = InferenceSettings(
+        score_threshold=score_threshold,
+        mask_threshold=cfg.train.mask_threshold,
+        batch_size=cfg.train.eval_batch_size,
+    )
     return evaluate_cases(
         model,
         cfg.data.root,
         cases,
         crop_size=cfg.data.crop_size,
         device=device,
-        batch_size=cfg.train.eval_batch_size,
-        score_threshold=cfg.train.score_threshold,
-        mask_threshold=cfg.train.mask_threshold,
+        settings=settings,
         precision=precision,
         preview_slices=preview_slices,
         description=split,
@@ -339,21 +392,41 @@ def optimizer_step(
 
 
 def learning_rate(step: int, settings: DictConfig) -> float:
-    """Linear warm-up over the first ``warmup_steps`` steps (1-based), then constant."""
+    """Linear warm-up over the first ``warmup_steps`` steps (1-based), then constant or a cosine
+    decay that reaches 0 after the last step (``lr_schedule``)."""
     if step <= settings.warmup_steps:
         return settings.lr * step / settings.warmup_steps
-    return settings.lr
+    if settings.lr_schedule.value == "constant":
+        return settings.lr
+    progress = (step - settings.warmup_steps) / (settings.steps - settings.warmup_steps + 1)
+    return settings.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def label_method_for(cfg: DictConfig) -> str:
-    """Soft losses train on ``labels.method``; binary ones on ``binary_labels``."""
-    return cfg.binary_labels if cfg.loss.label_kind.value == "binary" else cfg.labels.method
+    """Soft losses train on ``labels.method``, binary ones on ``binary_labels``, the oracle on
+    the ground truth."""
+    kind = cfg.loss.label_kind.value
+    if kind == "truth":
+        return "truth"
+    return cfg.binary_labels if kind == "binary" else cfg.labels.method
 
 
 def ensure_labels(cfg: DictConfig, method: str) -> None:
     """Write the label volumes the run needs, if missing (idempotent, so sweeps just work)."""
-    options = OmegaConf.to_container(cfg.labels.options) if method == cfg.labels.method else {}
-    soft_labels.generate(cfg.data.root, method, **options)
+    soft_labels.generate(cfg.data.root, method, **label_options(cfg, method))
+
+
+def label_options(cfg: DictConfig, method: str) -> dict[str, Any]:
+    """The options of label ``method`` in this run: ``labels.options`` for ``labels.method``;
+    ``kimriss_hard`` takes the kimriss options of the run and cuts at the instance threshold,
+    so it has the soft label's coverage and instances."""
+    if method == cfg.labels.method:
+        return OmegaConf.to_container(cfg.labels.options)
+    if method == "kimriss_hard":
+        same_pipeline = cfg.labels.method == "kimriss"
+        kimriss = OmegaConf.to_container(cfg.labels.options) if same_pipeline else {}
+        return {**kimriss, "threshold": cfg.data.instances.threshold}
+    return {}
 
 
 def make_dataset(cfg: DictConfig, split: str, label_method: str) -> SliceDataset:
@@ -366,6 +439,7 @@ def make_dataset(cfg: DictConfig, split: str, label_method: str) -> SliceDataset
         mirror=data.mirror,
         lesion_free_ratio=data.lesion_free_ratio,
         per_bone_classes=data.per_bone_classes,
+        instances=InstanceOptions(**data.instances),
         seed=cfg.seed,
     )
 

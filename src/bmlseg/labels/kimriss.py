@@ -7,7 +7,11 @@ Four steps, each a function on arrays ``[S, H, W]`` (slices first):
 3. ``hyperintense``: inside the readers' regions, voxels brighter than the marrow of their own
    bone (robust z-score above ``z_threshold``) are BML: probability 1.
 4. ``raise_from_neighbours``: a voxel whose previous or next slice holds BML at the same place is
-   raised to ``neighbour_weight`` times that neighbour's probability.
+   raised to ``neighbour_weight`` times that neighbour's probability. Which voxels may be raised
+   is ``neighbour_rule``'s choice; by default only hyperintense voxels connected in 3D to a
+   hyperintense voxel the readers marked, so bright noise under a neighbour's rectangle stays 0.
+
+Finally, label components smaller than ``min_component_mm3`` may be dropped.
 """
 
 from __future__ import annotations
@@ -18,11 +22,17 @@ import numpy as np
 from scipy import ndimage
 
 from bmlseg.data.format import Case
+from bmlseg.data.instances import InstanceOptions
 from bmlseg.labels.readers import case_readers, rater_agreement
 
 # 1.4826 * MAD estimates the standard deviation of normally distributed intensities.
 MAD_TO_STD = 1.4826
-NEIGHBOUR_RULES = ("hyperintense", "all")
+NEIGHBOUR_RULES = ("connected", "hyperintense", "all")
+# 8-connected in-plane, and through the same pixel to the previous and next slice: slices are
+# thick, so a diagonal step across slices is far in millimetres.
+SLICE_CONNECTED = np.zeros((3, 3, 3), dtype=bool)
+SLICE_CONNECTED[1] = True
+SLICE_CONNECTED[0, 1, 1] = SLICE_CONNECTED[2, 1, 1] = True
 
 
 @dataclass(frozen=True)
@@ -41,16 +51,21 @@ class KimrissOptions:
         smoothing_sigma: in-plane Gaussian sigma (pixels) applied to the image before the
             z-score, so single noisy pixels do not pass the threshold; 0 turns it off.
         neighbour_weight: step 4's factor w in p_s = max(p_s, w * max(p_{s-1}, p_{s+1})).
-        neighbour_rule: where step 4 may raise a voxel: ``"hyperintense"`` (only hyperintense
-            marrow voxels: the neighbour says where to look, the intensity says what is BML) or
+        neighbour_rule: where step 4 may raise a voxel: ``"connected"`` (hyperintense marrow
+            voxels connected in 3D, through hyperintense voxels, to one the readers marked: a
+            lesion continued into an unmarked slice), ``"hyperintense"`` (any hyperintense
+            marrow voxel: the neighbour says where to look, the intensity says what is BML) or
             ``"all"`` (every marrow voxel, the literal reading of the paper).
+        min_component_mm3: label components (``label > 0``, connected as in ``"connected"``)
+            smaller than this volume are set to 0; 0 keeps all.
     """
 
     erode_px: int = 1
     z_threshold: float = 2.5
     smoothing_sigma: float = 0.0
     neighbour_weight: float = 1.0
-    neighbour_rule: str = "hyperintense"
+    neighbour_rule: str = "connected"
+    min_component_mm3: float = 0.0
 
     def __post_init__(self) -> None:
         if self.erode_px < 0:
@@ -59,6 +74,8 @@ class KimrissOptions:
             raise ValueError(f"smoothing_sigma must be >= 0, got {self.smoothing_sigma}")
         if not 0.0 <= self.neighbour_weight <= 1.0:
             raise ValueError(f"neighbour_weight must lie in [0, 1], got {self.neighbour_weight}")
+        if self.min_component_mm3 < 0:
+            raise ValueError(f"min_component_mm3 must be >= 0, got {self.min_component_mm3}")
         if self.neighbour_rule not in NEIGHBOUR_RULES:
             raise ValueError(
                 f"neighbour_rule must be one of {NEIGHBOUR_RULES}, got {self.neighbour_rule!r}"
@@ -124,11 +141,32 @@ def raise_from_neighbours(
     return np.where(allowed, raised, probability).astype(np.float32)
 
 
+def connected_to(candidates: np.ndarray, seeds: np.ndarray) -> np.ndarray:
+    """Voxels of ``candidates`` whose 3D component (``SLICE_CONNECTED``) holds a ``seeds`` voxel.
+
+    Both ``[S, H, W]`` bool; returns the same.
+    """
+    labelled, _ = ndimage.label(candidates, structure=SLICE_CONNECTED)
+    reached = np.unique(labelled[seeds & candidates])
+    return np.isin(labelled, reached[reached > 0])
+
+
+def drop_small_components(probability: np.ndarray, min_voxels: float) -> np.ndarray:
+    """``probability`` with its ``> 0`` components (``SLICE_CONNECTED``) under ``min_voxels`` set
+    to 0."""
+    labelled, count = ndimage.label(probability > 0, structure=SLICE_CONNECTED)
+    sizes = np.bincount(labelled.ravel(), minlength=count + 1)
+    small = sizes < min_voxels
+    small[0] = False
+    return np.where(small[labelled], 0.0, probability).astype(np.float32)
+
+
 def kimriss_soft_label(
     image: np.ndarray,
     bones: np.ndarray,
     agreement: np.ndarray,
     options: KimrissOptions | None = None,
+    voxel_mm3: float = 1.0,
 ) -> np.ndarray:
     """Steps 2-4 on the readers' ``agreement`` (step 1): ``[S, H, W]`` float32 in [0, 1].
 
@@ -137,6 +175,7 @@ def kimriss_soft_label(
         bones: ``[S, H, W]`` integer bone proxy labels, 0 background.
         agreement: ``[S, H, W]`` share of readers covering each voxel, from ``rater_agreement``.
         options: the pipeline's constants; defaults when None.
+        voxel_mm3: volume of one voxel, for ``min_component_mm3``.
     """
     options = options or KimrissOptions()
     if not image.shape == bones.shape == agreement.shape:
@@ -147,9 +186,18 @@ def kimriss_soft_label(
     region = marrow_region(bones, options.erode_px)
     probability = np.where(region, agreement, 0.0).astype(np.float32)
     bright = hyperintense(image, bones, region, options)
-    probability[bright & (probability > 0)] = 1.0
-    allowed = bright if options.neighbour_rule == "hyperintense" else region
-    return raise_from_neighbours(probability, allowed, options.neighbour_weight)
+    marked_bright = bright & (probability > 0)
+    probability[marked_bright] = 1.0
+    if options.neighbour_rule == "connected":
+        allowed = connected_to(bright, marked_bright)
+    elif options.neighbour_rule == "hyperintense":
+        allowed = bright
+    else:
+        allowed = region
+    probability = raise_from_neighbours(probability, allowed, options.neighbour_weight)
+    if options.min_component_mm3 > 0:
+        probability = drop_small_components(probability, options.min_component_mm3 / voxel_mm3)
+    return probability
 
 
 def kimriss_label(case: Case, bone_labels: dict[str, int], **options) -> np.ndarray:
@@ -157,4 +205,24 @@ def kimriss_label(case: Case, bone_labels: dict[str, int], **options) -> np.ndar
     agreement = rater_agreement(
         case.annotations, case_readers(case), case.image.shape, bone_labels, bones=case.bones
     )
-    return kimriss_soft_label(case.image, case.bones, agreement, KimrissOptions(**options))
+    return kimriss_soft_label(
+        case.image,
+        case.bones,
+        agreement,
+        KimrissOptions(**options),
+        voxel_mm3=case.geometry.voxel_volume_ml * 1000.0,
+    )
+
+
+def kimriss_hard_label(
+    case: Case,
+    bone_labels: dict[str, int],
+    threshold: float = InstanceOptions.threshold,
+    **options,
+) -> np.ndarray:
+    """The paper's soft label made binary at ``threshold``: the fair binary baseline.
+
+    With ``threshold`` equal to ``data.instances.threshold`` it has the same coverage and the
+    same instances as the soft label, so "soft against binary" compares only the softness.
+    """
+    return (kimriss_label(case, bone_labels, **options) >= threshold).astype(np.float32)

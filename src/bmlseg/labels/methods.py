@@ -18,12 +18,15 @@ from bmlseg.labels.baselines import (
     svls_label,
     uniform_label,
 )
-from bmlseg.labels.kimriss import KimrissOptions, kimriss_label
+from bmlseg.labels.kimriss import KimrissOptions, kimriss_hard_label, kimriss_label
+from bmlseg.labels.truth import truth_label
 
 MakeLabel = Callable[..., np.ndarray]
 
 METHODS: dict[str, MakeLabel] = {
     "kimriss": kimriss_label,
+    "kimriss_hard": kimriss_hard_label,
+    "truth": truth_label,
     "binary_any": binary_any_label,
     "binary_majority": binary_majority_label,
     "staple": staple_label,
@@ -44,15 +47,30 @@ def resolve_options(method: str, **options) -> dict[str, Any]:
     Raises:
         ValueError: an unknown method or option, naming the ones that exist.
     """
-    if _known(method) == "kimriss":
+    if _known(method) in ("kimriss", "kimriss_hard"):
+        # kimriss_hard takes kimriss's options and its own threshold.
+        own = {
+            name: options.pop(name, parameter.default)
+            for name, parameter in _keyword_parameters(method).items()
+        }
         names = [field.name for field in fields(KimrissOptions)]
-        _check_names(method, options, names)
-        return asdict(KimrissOptions(**options))
-    parameters = list(inspect.signature(METHODS[method]).parameters.values())[2:]
-    _check_names(method, options, [parameter.name for parameter in parameters])
-    resolved = {parameter.name: parameter.default for parameter in parameters}
+        _check_names(method, options, names + list(own))
+        return {**asdict(KimrissOptions(**options)), **own}
+    parameters = _keyword_parameters(method)
+    _check_names(method, options, list(parameters))
+    resolved = {name: parameter.default for name, parameter in parameters.items()}
     resolved.update(options)
     return {name: _plain(value) for name, value in resolved.items()}
+
+
+def _keyword_parameters(method: str) -> dict[str, inspect.Parameter]:
+    """The options of ``METHODS[method]`` named in its signature (after case and bone_labels)."""
+    parameters = list(inspect.signature(METHODS[method]).parameters.values())[2:]
+    return {
+        parameter.name: parameter
+        for parameter in parameters
+        if parameter.kind is not inspect.Parameter.VAR_KEYWORD
+    }
 
 
 def _plain(value: Any) -> Any:

@@ -10,6 +10,14 @@ Scores per case, then averaged over the cases that have a mask:
 Soft Dice and recall are averaged over the cases whose truth holds BML: on a case without any,
 an empty label would score a perfect Dice and the mean would reward labelling nothing. Mass
 outside truth leaves out the cases whose label is empty (0 / 0).
+
+And what the detector is taught: the label's training instances (bmlseg.data.instances), slice
+by slice, against the truth's lesions (8-connected components of each truth slice), counted over
+all cases:
+
+- boxes matching a lesion: share of instance boxes with box IoU >= 0.5 with a truth lesion's box;
+- lesions matched: share of truth lesions with box IoU >= 0.5 with some instance box;
+- instances per slice: instances per slice that holds at least one.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -32,10 +41,18 @@ from bmlseg.data.format import (
     softlabel_path,
     write_text_atomic,
 )
+from bmlseg.data.instances import (
+    InstanceOptions,
+    box_iou,
+    components,
+    label_instances,
+    masks_to_boxes,
+)
 from bmlseg.io import atomic_path, read_volume
 from bmlseg.labels.files import generate, recorded_options
 
 SCORES = ("soft_dice", "brier", "recall", "mass_outside_truth")
+INSTANCE_SCORES = ("boxes_matching_lesion", "lesions_matched", "instances_per_slice")
 HEADINGS = {
     "method": "method",
     "cases": "cases",
@@ -43,7 +60,36 @@ HEADINGS = {
     "brier": "Brier (bone)",
     "recall": "recall (y > 0.5)",
     "mass_outside_truth": "mass outside truth",
+    "instances": "instances",
+    "boxes_matching_lesion": "boxes matching a lesion",
+    "lesions_matched": "lesions matched",
+    "instances_per_slice": "instances per slice",
 }
+# A training box "is" a lesion at the IoU at which a detection counts in AP50.
+BOX_MATCH_IOU = 0.5
+
+
+def instance_counts(
+    label: np.ndarray, truth: np.ndarray, options: InstanceOptions, pixel_area_mm2: float
+) -> dict[str, int]:
+    """Training instances of ``label`` against the lesions of ``truth`` (both ``[S, H, W]``).
+
+    Returns:
+        ``instances`` (boxes), ``matching`` (boxes with box IoU >= 0.5 with a lesion),
+        ``lesions`` (truth components, per slice), ``matched`` (lesions with such a box) and
+        ``slices`` (slices with at least one instance).
+    """
+    counts = dict.fromkeys(("instances", "matching", "lesions", "matched", "slices"), 0)
+    for label_slice, truth_slice in zip(label, truth, strict=True):
+        boxes, _ = label_instances(label_slice, options, pixel_area_mm2)
+        lesion_boxes = masks_to_boxes(components(truth_slice > 0))
+        overlap = box_iou(boxes, lesion_boxes) >= BOX_MATCH_IOU
+        counts["instances"] += len(boxes)
+        counts["matching"] += int(overlap.any(axis=1).sum())
+        counts["lesions"] += len(lesion_boxes)
+        counts["matched"] += int(overlap.any(axis=0).sum())
+        counts["slices"] += int(len(boxes) > 0)
+    return counts
 
 
 def label_scores(label: np.ndarray, truth: np.ndarray, bone: np.ndarray) -> dict[str, float]:
@@ -66,21 +112,28 @@ def label_scores(label: np.ndarray, truth: np.ndarray, bone: np.ndarray) -> dict
 
 
 def evaluate(
-    root: str | os.PathLike, methods: Sequence[str], *, out_dir: str | os.PathLike
+    root: str | os.PathLike,
+    methods: Sequence[str],
+    *,
+    out_dir: str | os.PathLike,
+    instances: InstanceOptions | None = None,
 ) -> list[dict]:
     """Score ``methods``' labels against ``root/masks/``; write a table, a CSV and a figure.
 
-    Labels missing under ``softlabels/<method>/`` are generated first with the options recorded
+    Instances are cut with ``instances`` (None: InstanceOptions' defaults). Labels missing
+    under ``softlabels/<method>/`` are generated first with the options recorded
     there (defaults for a new method). Writes ``label_quality.md``, ``label_quality.csv`` and
     ``label_quality.png`` (one slice: the image with the truth's outline, each method's label).
 
     Returns:
         One row per method: ``{"method", "cases", "soft_dice", "brier", "recall",
-        "mass_outside_truth"}``; ``cases`` counts the cases with a mask, each score is averaged
-        over those where it is defined.
+        "mass_outside_truth", "instances", "boxes_matching_lesion", "lesions_matched",
+        "instances_per_slice"}``; ``cases`` counts the cases with a mask, each label score is
+        averaged over those where it is defined, the instance figures are pooled over them.
     """
     if not methods:
         raise ValueError("evaluate needs at least one label method")
+    instances = instances or InstanceOptions()
     info = read_dataset_json(root)
     case_ids = [record.id for record in info.cases if mask_path(root, record.id).exists()]
     if not case_ids:
@@ -93,18 +146,24 @@ def evaluate(
             generate(root, method, cases=missing, **recorded_options(root, method))
     annotations = read_annotations(root)
     scores: dict[str, list[dict[str, float]]] = {method: [] for method in methods}
+    counts = {method: Counter() for method in methods}
     example = None
     for case_id in tqdm(case_ids, desc="label quality", unit="case"):
         case = load_case(root, case_id, info=info, annotations=annotations)
         bone = case.bones > 0
         labels = {method: _read_label(root, method, case_id, case.mask.shape) for method in methods}
+        pixel_area_mm2 = case.geometry.spacing[0] * case.geometry.spacing[1]
         for method, label in labels.items():
             scores[method].append(label_scores(label, case.mask, bone))
+            counts[method].update(instance_counts(label, case.mask, instances, pixel_area_mm2))
         if example is None and case.mask.any():
             index = int(np.argmax(case.mask.sum(axis=(1, 2))))
             slices = {method: label[index] for method, label in labels.items()}
             example = (f"{case_id}, slice {index}", case.image[index], case.mask[index], slices)
-    rows = [_average(method, scores[method]) for method in methods]
+    rows = [
+        {**_average(method, scores[method]), **_instance_figures(counts[method])}
+        for method in methods
+    ]
     out_dir = Path(out_dir)
     write_text_atomic(out_dir / "label_quality.md", markdown_table(rows))
     write_text_atomic(out_dir / "label_quality.csv", _csv(rows))
@@ -121,6 +180,7 @@ def markdown_table(rows: Sequence[dict]) -> str:
     ]
     for row in rows:
         cells = [row["method"], str(row["cases"])] + [f"{row[score]:.3f}" for score in SCORES]
+        cells += [str(row["instances"])] + [f"{row[score]:.2f}" for score in INSTANCE_SCORES]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -142,6 +202,20 @@ def _average(method: str, case_scores: list[dict[str, float]]) -> dict:
         values = np.array([scores[score] for scores in case_scores])
         row[score] = float(np.nanmean(values)) if not np.isnan(values).all() else float("nan")
     return row
+
+
+def _instance_figures(counts: Counter) -> dict:
+    """Pooled counts of ``instance_counts`` as the shares in HEADINGS (NaN for 0 / 0)."""
+    return {
+        "instances": counts["instances"],
+        "boxes_matching_lesion": _share(counts["matching"], counts["instances"]),
+        "lesions_matched": _share(counts["matched"], counts["lesions"]),
+        "instances_per_slice": _share(counts["instances"], counts["slices"]),
+    }
+
+
+def _share(numerator: int, denominator: int) -> float:
+    return numerator / denominator if denominator else float("nan")
 
 
 def _csv(rows: Sequence[dict]) -> str:

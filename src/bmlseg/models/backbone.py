@@ -1,8 +1,8 @@
 """Backbones (ResNet / MobileNetV3 + FPN) and anchors for small lesions.
 
 Every backbone returns the same pyramid: feature maps "0", "1", "2", "3" at strides 4, 8, 16, 32
-(256 channels each) plus "pool" at stride 64, so the RoIAlign layers and anchors below fit all of
-them.
+(``channels`` each, torchvision's 256 by default) plus "pool" at stride 64, so the RoIAlign layers
+and anchors below fit all of them.
 """
 
 import re
@@ -18,11 +18,13 @@ from torchvision.models.detection.backbone_utils import (
     mobilenet_backbone,
     resnet_fpn_backbone,
 )
+from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 BACKBONES = ("resnet50", "resnet18", "mobilenet_v3")
 
 FEATURE_MAPS = ["0", "1", "2", "3"]
+FPN_CHANNELS = 256
 
 # One anchor size per pyramid level, twice the level's stride (torchvision uses 8x the stride:
 # 32..512 px, made for COCO objects in 800-pixel images). BMLs in 320-pixel crops span roughly
@@ -61,7 +63,9 @@ def small_lesion_anchor_generator(
     )
 
 
-def build_backbone(name: str, weights: str | None = None) -> BackboneWithFPN:
+def build_backbone(
+    name: str, weights: str | None = None, channels: int = FPN_CHANNELS
+) -> BackboneWithFPN:
     """Build a feature pyramid backbone by name, from scratch unless weights are given.
 
     Args:
@@ -70,8 +74,11 @@ def build_backbone(name: str, weights: str | None = None) -> BackboneWithFPN:
             torchvision classification model or of the FPN body, or a torchvision weights name
             such as ``"ResNet50_Weights.IMAGENET1K_V1"`` (downloaded by torchvision).
 
+        channels: width of every pyramid level (torchvision: 256). Narrower pyramids make the
+            RoIAlign layers and the heads after them cheaper, which is most of a CPU step.
+
     Returns:
-        BackboneWithFPN with ``out_channels == 256``. From scratch, every layer trains and uses
+        BackboneWithFPN with ``out_channels == channels``. From scratch, every layer trains and uses
         ordinary BatchNorm2d; with pretrained weights, BatchNorm is frozen and the first layers
         too, as in torchvision's detection builders.
     """
@@ -84,6 +91,10 @@ def build_backbone(name: str, weights: str | None = None) -> BackboneWithFPN:
     backbone = _fpn_backbone(name, weights_enum, norm_layer, table[name])
     if weights_path is not None:
         _load_body(backbone.body, weights_path, name)
+    if channels != backbone.out_channels:
+        in_channels = [block[0].in_channels for block in backbone.fpn.inner_blocks]
+        backbone.fpn = FeaturePyramidNetwork(in_channels, channels, LastLevelMaxPool())
+        backbone.out_channels = channels
     return backbone
 
 

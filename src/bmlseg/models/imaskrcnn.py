@@ -5,13 +5,18 @@ from typing import Any
 import torch
 from torch import Tensor
 from torchvision.models.detection import MaskRCNN
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 
-from .backbone import FEATURE_MAPS, build_backbone, small_lesion_anchor_generator
-from .mask_head import skip_mask_branch
+from .backbone import FEATURE_MAPS, FPN_CHANNELS, build_backbone, small_lesion_anchor_generator
+from .mask_head import group_norm, skip_mask_branch
 from .roi_heads import MaskLossFn, SoftMaskRoIHeads
 from .transform import SoftMaskTransform
 
 _MASK_BRANCH_KWARGS = ("mask_roi_pool", "mask_head", "mask_predictor")
+_BOX_HEAD_KWARGS = ("box_head", "box_predictor")
+# torchvision's box head: two fully connected layers of this width on 7x7 RoIAlign features.
+BOX_REPRESENTATION_SIZE = 1024
+HEAD_NORMS = ("none", "group")
 
 
 class IMaskRCNN(MaskRCNN):
@@ -44,6 +49,11 @@ class IMaskRCNN(MaskRCNN):
             float32 on the positive RoIs' logits of their target class; None means torchvision's
             binary cross-entropy.
         skip_connection: True for the IMaskRCNN head, False for torchvision's standard head.
+        channels: width of the feature pyramid and of the skip head's convolutions
+            (torchvision: 256). 64 makes a CPU step several times cheaper (docs/model.md).
+        box_representation_size: width of the box head's two fully connected layers.
+        mask_head_norm: ``"none"`` (torchvision's head) or ``"group"``: GroupNorm after each
+            convolution of the skip head.
         backbone_weights: None (from scratch, nothing downloaded), a local state_dict file of the
             torchvision classification model or the FPN body, or a torchvision weights name such
             as "ResNet50_Weights.IMAGENET1K_V1" (downloaded).
@@ -64,14 +74,20 @@ class IMaskRCNN(MaskRCNN):
         image_size: int = 320,
         mask_loss: MaskLossFn | None = None,
         skip_connection: bool = True,
+        channels: int = FPN_CHANNELS,
+        box_representation_size: int = BOX_REPRESENTATION_SIZE,
+        mask_head_norm: str = "none",
         backbone_weights: str | None = None,
         **maskrcnn_kwargs: Any,
     ) -> None:
-        fixed = sorted(set(_MASK_BRANCH_KWARGS) & maskrcnn_kwargs.keys())
+        fixed = sorted(set(_MASK_BRANCH_KWARGS + _BOX_HEAD_KWARGS) & maskrcnn_kwargs.keys())
         if fixed:
             raise ValueError(
-                f"IMaskRCNN: {fixed} cannot be passed; the mask branch is chosen by skip_connection"
+                f"IMaskRCNN: {fixed} cannot be passed; the heads are chosen by skip_connection, "
+                "channels, box_representation_size and mask_head_norm"
             )
+        if mask_head_norm not in HEAD_NORMS:
+            raise ValueError(f"mask_head_norm must be one of {HEAD_NORMS}, got {mask_head_norm!r}")
         anchor_options = {
             key.removeprefix("anchor_"): maskrcnn_kwargs.pop(key)
             for key in ("anchor_sizes", "anchor_aspect_ratios")
@@ -85,12 +101,18 @@ class IMaskRCNN(MaskRCNN):
             "rpn_anchor_generator": small_lesion_anchor_generator(**anchor_options),
         }
         options.update(maskrcnn_kwargs)
-        features = build_backbone(backbone, backbone_weights)
+        features = build_backbone(backbone, backbone_weights, channels)
         super().__init__(features, num_classes, **options)
 
         heads = self.roi_heads
+        pooled = channels * heads.box_roi_pool.output_size[0] * heads.box_roi_pool.output_size[1]
+        heads.box_head = TwoMLPHead(pooled, box_representation_size)
+        heads.box_predictor = FastRCNNPredictor(box_representation_size, num_classes)
         if skip_connection:
-            mask_branch = skip_mask_branch(features.out_channels, num_classes, FEATURE_MAPS)
+            norm_layer = group_norm if mask_head_norm == "group" else None
+            mask_branch = skip_mask_branch(
+                channels, num_classes, FEATURE_MAPS, channels, norm_layer
+            )
         else:
             mask_branch = (heads.mask_roi_pool, heads.mask_head, heads.mask_predictor)
         self.roi_heads = SoftMaskRoIHeads.from_roi_heads(heads, *mask_branch, mask_loss=mask_loss)

@@ -5,13 +5,16 @@ The skip head keeps torchvision's call sequence in ``RoIHeads``:
 value passed from the pool to the head is a pair of tensors instead of one.
 """
 
+import math
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.misc import Conv2dNormActivation
 
-MASK_LAYERS = (256, 256, 256, 256)
+MASK_CONVS = 4
 
 
 class RoIAlignPair(nn.Module):
@@ -43,24 +46,43 @@ class RoIAlignPair(nn.Module):
         return coarse, fine
 
 
+def group_norm(channels: int) -> nn.GroupNorm:
+    """GroupNorm with 32 groups (Wu & He 2018), fewer where ``channels`` is not a multiple."""
+    return nn.GroupNorm(math.gcd(32, channels), channels)
+
+
 class SkipMaskHead(nn.Module):
     """Standard mask branch, upsampled and joined with the fine RoIAlign by a decoder layer.
 
-    coarse [K, C, 14, 14] -> 4 x (conv 3x3, ReLU) -> deconv 2x2/2, ReLU -> [K, 256, 28, 28]
-    concatenated with fine [K, C, 28, 28] -> decoder conv 3x3, ReLU -> [K, 256, 28, 28].
+    coarse [K, C, 14, 14] -> 4 x (conv 3x3, [GN], ReLU) -> deconv 2x2/2, ReLU -> [K, W, 28, 28]
+    concatenated with fine [K, C, 28, 28] -> decoder conv 3x3, [GN], ReLU -> [K, W, 28, 28],
+    W = ``channels`` (torchvision: 256).
+
+    Args:
+        norm_layer: None (torchvision's head) or e.g. ``group_norm``: normalized convolutions
+            keep the head's activations at one scale whatever the loss does to the predictor,
+            as the paper's Keras head (with BatchNorm) had.
     """
 
-    def __init__(self, in_channels: int, decoder_channels: int = 256) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        channels: int,
+        norm_layer: Callable[[int], nn.Module] | None = None,
+    ) -> None:
         super().__init__()
-        self.convs = MaskRCNNHeads(in_channels, list(MASK_LAYERS), dilation=1)
-        self.upsample = nn.ConvTranspose2d(MASK_LAYERS[-1], MASK_LAYERS[-1], 2, stride=2)
-        self.decoder = Conv2dNormActivation(
-            MASK_LAYERS[-1] + in_channels, decoder_channels, kernel_size=3, norm_layer=None
+        self.convs = MaskRCNNHeads(
+            in_channels, [channels] * MASK_CONVS, dilation=1, norm_layer=norm_layer
         )
-        self.out_channels = decoder_channels
+        self.upsample = nn.ConvTranspose2d(channels, channels, 2, stride=2)
+        self.decoder = Conv2dNormActivation(
+            channels + in_channels, channels, kernel_size=3, norm_layer=norm_layer
+        )
+        self.out_channels = channels
         for conv in (self.upsample, self.decoder[0]):
             nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
-            nn.init.zeros_(conv.bias)
+            if conv.bias is not None:
+                nn.init.zeros_(conv.bias)
 
     def forward(self, pooled: tuple[Tensor, Tensor]) -> Tensor:
         coarse, fine = pooled
@@ -84,8 +106,12 @@ class MaskPredictor(nn.Conv2d):
 
 
 def skip_mask_branch(
-    in_channels: int, num_classes: int, featmap_names: list[str]
+    in_channels: int,
+    num_classes: int,
+    featmap_names: list[str],
+    channels: int,
+    norm_layer: Callable[[int], nn.Module] | None = None,
 ) -> tuple[RoIAlignPair, SkipMaskHead, MaskPredictor]:
     """IMaskRCNN's mask branch: (mask_roi_pool, mask_head, mask_predictor)."""
-    head = SkipMaskHead(in_channels)
+    head = SkipMaskHead(in_channels, channels, norm_layer)
     return RoIAlignPair(featmap_names), head, MaskPredictor(head.out_channels, num_classes)

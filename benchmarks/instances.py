@@ -1,0 +1,83 @@
+"""What the detector is taught, before and after confident instances: every label method's
+training instances against the truth's lesions, on a dataset folder with masks/.
+
+"before" is the old rule (an instance is any component of label > 0, kimriss's step 4 may raise
+any hyperintense voxel); "after" is data.instances' defaults and kimriss's "connected" step 4.
+Prints one markdown table (the columns of bmlseg.labels.quality.instance_counts, plus soft Dice
+and Brier) and writes nothing.
+
+    bmlseg-synth root=data/phantom20 n_subjects=20 seed=0
+    OMP_NUM_THREADS=1 python benchmarks/instances.py data/phantom20 [--split train]
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import Counter
+
+from bmlseg.data.format import load_case, read_annotations, read_dataset_json
+from bmlseg.data.instances import InstanceOptions
+from bmlseg.labels import METHODS, label_case, label_scores
+from bmlseg.labels.quality import instance_counts
+
+# label > 0 as a threshold, every core size kept: the rule before data.instances existed.
+BEFORE = InstanceOptions(threshold=1e-6, min_area_mm2=0.0)
+BEFORE_KIMRISS = {"neighbour_rule": "hyperintense"}
+
+
+def figures(cases, labels, options: InstanceOptions) -> dict[str, float]:
+    counts: Counter = Counter()
+    dice, brier = [], []
+    for case, label in zip(cases, labels, strict=True):
+        pixel_area_mm2 = case.geometry.spacing[0] * case.geometry.spacing[1]
+        counts.update(instance_counts(label, case.mask, options, pixel_area_mm2))
+        scores = label_scores(label, case.mask, case.bones > 0)
+        brier.append(scores["brier"])
+        if case.mask.any():
+            dice.append(scores["soft_dice"])
+    return {
+        "soft_dice": sum(dice) / len(dice),
+        "brier": sum(brier) / len(brier),
+        "instances": counts["instances"],
+        "matching": counts["matching"] / max(counts["instances"], 1),
+        "matched": counts["matched"] / max(counts["lesions"], 1),
+        "per_slice": counts["instances"] / max(counts["slices"], 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("root", help="a dataset folder with masks/")
+    parser.add_argument("--split", help="only this split (default: every case)")
+    args = parser.parse_args()
+    info = read_dataset_json(args.root)
+    annotations = read_annotations(args.root)
+    cases = [
+        load_case(args.root, record.id, info=info, annotations=annotations)
+        for record in info.cases
+        if args.split is None or record.split == args.split
+    ]
+    print(
+        "| method | rule | soft Dice | Brier | instances | boxes matching a lesion | "
+        "lesions matched | instances per slice |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for method in METHODS:
+        kimriss_like = method in ("kimriss", "kimriss_hard")
+        rules = {
+            "before": (BEFORE_KIMRISS if kimriss_like else {}, BEFORE),
+            "after": ({}, InstanceOptions()),
+        }
+        for rule, (label_options, instance_options) in rules.items():
+            labels = [label_case(case, info.bone_labels, method, **label_options) for case in cases]
+            row = figures(cases, labels, instance_options)
+            print(
+                f"| {method} | {rule} | {row['soft_dice']:.3f} | {row['brier']:.4f} | "
+                f"{row['instances']} | {row['matching']:.2f} | {row['matched']:.2f} | "
+                f"{row['per_slice']:.2f} |",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""bmlseg.engine.evaluate with a stub model whose detections are known: the score floor, the
+threshold chosen on the evaluated cases, and the probability map shown and predicted."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from torch import Tensor, nn
+
+from bmlseg.data.format import load_case, read_dataset_json
+from bmlseg.engine.evaluate import InferenceSettings, evaluate_cases, infer_volume, split_cases
+from bmlseg.metrics import SCORE_GRID
+
+CROP = 64
+
+
+class StubDetector(nn.Module):
+    """On every slice: a square scoring 0.8 and another scoring 0.3, both with mask 0.9; keeps
+    those at or above ``roi_heads.score_thresh``, as torchvision's RoI heads do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.roi_heads = SimpleNamespace(score_thresh=0.05)
+        self.floors: list[float] = []
+
+    def forward(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
+        self.floors.append(self.roi_heads.score_thresh)
+        masks = torch.zeros(2, 1, CROP, CROP)
+        masks[0, 0, 20:40, 20:40] = 0.9
+        masks[1, 0, 0:8, 0:8] = 0.9
+        scores = torch.tensor([0.8, 0.3])
+        kept = scores >= self.roi_heads.score_thresh
+        return [{"masks": masks[kept], "scores": scores[kept]} for _ in images]
+
+
+def evaluate(root: Path, score_threshold: float | None, model: nn.Module | None = None):
+    cases = split_cases(read_dataset_json(root), "test")
+    settings = InferenceSettings(score_threshold=score_threshold, mask_threshold=0.5, batch_size=4)
+    return evaluate_cases(
+        model or StubDetector(),
+        root,
+        cases,
+        crop_size=CROP,
+        device=torch.device("cpu"),
+        settings=settings,
+        preview_slices=2,
+    )
+
+
+def test_the_chosen_threshold_is_the_best_of_the_fixed_ones(synthetic_root: Path):
+    model = StubDetector()
+    chosen, examples = evaluate(synthetic_root, None, model)
+    # Every detection down to min_score reaches the metrics; the model's own floor comes back.
+    assert set(model.floors) == {0.05} and model.roi_heads.score_thresh == 0.05
+    slices = chosen["n_detections"] // 2
+    assert chosen["n_detections"] == 2 * slices > 0
+    # The stub's detections make three different predictions: at 0.05 (both), 0.5 (the 0.8
+    # one) and 0.85 (none). The chosen threshold has the best mean Dice of the three.
+    fixed = {threshold: evaluate(synthetic_root, threshold)[0] for threshold in (0.05, 0.5, 0.85)}
+    best = max(fixed, key=lambda threshold: fixed[threshold]["dice"])
+    assert chosen["dice"] == pytest.approx(fixed[best]["dice"])
+    assert chosen["score_threshold"] in SCORE_GRID
+    for key in ("iou", "lesion_recall", "slice_recall", "ece", "volume_mae_ml"):
+        assert chosen[key] == pytest.approx(fixed[best][key], nan_ok=True), key
+    # AP ranks every detection whatever the operating threshold.
+    assert fixed[0.85]["ap50"] == pytest.approx(chosen["ap50"], nan_ok=True)
+    assert fixed[0.85]["n_predicted_instances"] == 0
+    assert fixed[0.5]["n_predicted_instances"] == slices
+
+    # The figure shows the probability map at the chosen threshold, as infer_volume makes it.
+    assert len(examples) == 2
+    case_id, index = examples[0].title.split(" slice ")
+    case = load_case(synthetic_root, case_id)
+    settings = InferenceSettings(chosen["score_threshold"], mask_threshold=0.5, batch_size=4)
+    probability = infer_volume(
+        model, case.image, case.bones, crop_size=CROP, device=torch.device("cpu"), settings=settings
+    )
+    np.testing.assert_array_equal(examples[0].probability, probability[int(index)])
+    # infer_volume spares the mask head the detections under the threshold.
+    assert model.floors[-1] == chosen["score_threshold"]
