@@ -3,8 +3,8 @@ training instances against the truth's lesions, on a dataset folder with masks/.
 
 "before" is the old rule (an instance is any component of label > 0, kimriss's step 4 may raise
 any hyperintense voxel); "after" is data.instances' defaults and kimriss's "connected" step 4.
-Prints one markdown table (the columns of bmlseg.labels.quality.instance_counts, plus soft Dice
-and Brier) and writes nothing.
+Prints one markdown table (soft Dice, Brier and the instance figures of bmlseg.labels.quality)
+and writes nothing.
 
     bmlseg-synth root=data/phantom20 n_subjects=20 seed=0
     OMP_NUM_THREADS=1 python benchmarks/instances.py data/phantom20 [--split train]
@@ -13,36 +13,15 @@ and Brier) and writes nothing.
 from __future__ import annotations
 
 import argparse
-from collections import Counter
 
 from bmlseg.data.format import load_case, read_annotations, read_dataset_json
 from bmlseg.data.instances import InstanceOptions
-from bmlseg.labels import METHODS, label_case, label_scores
-from bmlseg.labels.quality import instance_counts
+from bmlseg.labels import METHODS, label_case
+from bmlseg.labels.quality import case_figures, summarize
 
 # label > 0 as a threshold, every core size kept: the rule before data.instances existed.
 BEFORE = InstanceOptions(threshold=1e-6, min_area_mm2=0.0)
 BEFORE_KIMRISS = {"neighbour_rule": "hyperintense"}
-
-
-def figures(cases, labels, options: InstanceOptions) -> dict[str, float]:
-    counts: Counter = Counter()
-    dice, brier = [], []
-    for case, label in zip(cases, labels, strict=True):
-        pixel_area_mm2 = case.geometry.spacing[0] * case.geometry.spacing[1]
-        counts.update(instance_counts(label, case.mask, options, pixel_area_mm2))
-        scores = label_scores(label, case.mask, case.bones > 0)
-        brier.append(scores["brier"])
-        if case.mask.any():
-            dice.append(scores["soft_dice"])
-    return {
-        "soft_dice": sum(dice) / len(dice),
-        "brier": sum(brier) / len(brier),
-        "instances": counts["instances"],
-        "matching": counts["matching"] / max(counts["instances"], 1),
-        "matched": counts["matched"] / max(counts["lesions"], 1),
-        "per_slice": counts["instances"] / max(counts["slices"], 1),
-    }
 
 
 def main() -> None:
@@ -69,12 +48,21 @@ def main() -> None:
             "after": ({}, InstanceOptions()),
         }
         for rule, (label_options, instance_options) in rules.items():
-            labels = [label_case(case, info.bone_labels, method, **label_options) for case in cases]
-            row = figures(cases, labels, instance_options)
+            row = summarize(
+                method,
+                [
+                    case_figures(
+                        label_case(case, info.bone_labels, method, **label_options),
+                        case,
+                        instance_options,
+                    )
+                    for case in cases
+                ],
+            )
             print(
                 f"| {method} | {rule} | {row['soft_dice']:.3f} | {row['brier']:.4f} | "
-                f"{row['instances']} | {row['matching']:.2f} | {row['matched']:.2f} | "
-                f"{row['per_slice']:.2f} |",
+                f"{row['instances']} | {row['boxes_matching_lesion']:.2f} | "
+                f"{row['lesions_matched']:.2f} | {row['instances_per_slice']:.2f} |",
                 flush=True,
             )
 

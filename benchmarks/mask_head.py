@@ -27,7 +27,9 @@ from bmlseg.engine.train import (
     label_method_for,
     learning_rate,
     make_dataset,
+    optimizer_step,
     seed_everything,
+    to_device,
     training_batches,
 )
 
@@ -56,23 +58,22 @@ def main() -> None:
     config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     model = checkpoints.build_model(config["model"], config["loss"], dataset.num_classes).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    context = setup("cpu")
     logits: list[torch.Tensor] = []
     model.roi_heads.mask_predictor.register_forward_hook(
         lambda module, inputs, output: logits.append(output.detach()[:, 1].flatten())
     )
     clip = math.log((1 - cfg.loss.p_min) / cfg.loss.p_min)
-    batches = training_batches(dataset, cfg, setup("cpu"), start_step=0)
+    batches = training_batches(dataset, cfg, context, start_step=0)
     for step in range(1, args.steps + 1):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, cfg.train)
-        images, targets = next(batches)
-        targets = [{key: t[key] for key in ("boxes", "labels", "masks")} for t in targets]
+        images, targets = to_device(next(batches), context.device)
         logits.clear()
         losses = model(images, targets)
-        optimizer.zero_grad()
-        sum(losses.values()).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.clip_grad_norm)
-        optimizer.step()
+        loss = sum(losses.values())
+        optimizer_step(loss, model, optimizer, scaler, cfg.train.clip_grad_norm, context)
         if step % 10 == 0 or step == 1:
             z = torch.cat(logits)
             row = {

@@ -22,7 +22,7 @@ import torch
 from bmlseg.data.instances import InstanceOptions
 from bmlseg.data.slices import SliceDataset, collate_detection
 from bmlseg.engine import checkpoint as checkpoints
-from bmlseg.engine.train import MODEL_TARGET_KEYS
+from bmlseg.engine.train import to_device
 
 SLICES = 16
 
@@ -41,8 +41,8 @@ def logit_stats(run_dir: Path) -> dict[str, float]:
         instances=InstanceOptions(**data["instances"]),
     )
     chosen = np.random.default_rng(0).choice(len(dataset), min(SLICES, len(dataset)), False)
-    images, targets = collate_detection([dataset[int(index)] for index in sorted(chosen)])
-    targets = [{key: target[key] for key in MODEL_TARGET_KEYS} for target in targets]
+    batch = collate_detection([dataset[int(index)] for index in sorted(chosen)])
+    images, targets = to_device(batch, torch.device("cpu"))
     logits: list[torch.Tensor] = []
     model.roi_heads.mask_predictor.register_forward_hook(
         lambda module, inputs, output: logits.append(output[:, 1].flatten())

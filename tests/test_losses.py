@@ -194,7 +194,7 @@ def test_normalized_cross_entropy_at_half_does_not_depend_on_logit():
 
 
 def test_normalized_cross_entropy_is_linear_in_the_target():
-    # DESIGN.md: NCE(y) = (1 - y) - (1 - 2y) a / (a + b), a = -log p, b = -log(1 - p).
+    # docs/design.md ("Facts"): NCE(y) = (1 - y) - (1 - 2y) a / (a + b), a = -log p, b = -log(1 - p).
     z, y = grid()
     a, b = -torch.nn.functional.logsigmoid(z), -torch.nn.functional.logsigmoid(-z)
     expected = (1 - y) - (1 - 2 * y) * a / (a + b)

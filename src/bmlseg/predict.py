@@ -20,9 +20,8 @@ import torch
 from torch import nn
 
 from bmlseg.data.format import VOLUME_SUFFIX, write_text_atomic
-from bmlseg.engine import checkpoint as checkpoints
 from bmlseg.engine.distributed import resolve_device
-from bmlseg.engine.evaluate import InferenceSettings, checkpoint_settings, infer_volume
+from bmlseg.engine.evaluate import InferenceSettings, infer_volume, load_for_inference
 from bmlseg.io import read_volume, write_volume
 from bmlseg.metrics import bml_volume_ml
 
@@ -68,21 +67,19 @@ def predict_file(
     """bmlseg-predict: write the probability and mask volumes and the BML volumes (mL).
 
     ``score_threshold`` and ``mask_threshold`` None take the checkpoint's
-    (bmlseg.engine.evaluate.checkpoint_settings).
+    (bmlseg.engine.evaluate.load_for_inference).
 
     Returns:
         BML volume in mL: ``{"total": ..., "femur": ..., ...}``.
     """
     target = resolve_device(device)
-    state = checkpoints.load(checkpoint_path, target)
-    settings = checkpoint_settings(
-        state,
+    state, model, settings = load_for_inference(
         checkpoint_path,
+        target,
         batch_size=batch_size,
         score_threshold=score_threshold,
         mask_threshold=mask_threshold,
     )
-    model = checkpoints.model_from_checkpoint(state, target)
     image, geometry = read_volume(input_path)
     bones, bones_geometry = read_volume(bones_path)
     if image.shape != bones.shape or geometry.mismatch(bones_geometry):

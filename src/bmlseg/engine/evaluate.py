@@ -288,25 +288,28 @@ def recorded_score_threshold(checkpoint: dict[str, Any], path: str | os.PathLike
     return float(threshold)
 
 
-def checkpoint_settings(
-    checkpoint: dict[str, Any],
+def load_for_inference(
     path: str | os.PathLike,
+    device: torch.device,
     *,
     batch_size: int,
     score_threshold: float | None,
     mask_threshold: float | None,
-) -> InferenceSettings:
-    """Inference settings for a trained checkpoint; a threshold given as None is the
-    checkpoint's own: the recorded score threshold, and its ``train.mask_threshold``."""
-    return InferenceSettings(
-        score_threshold=recorded_score_threshold(checkpoint, path)
+) -> tuple[dict[str, Any], nn.Module, InferenceSettings]:
+    """A trained checkpoint ready for inference: its state, its model on ``device`` in eval
+    mode, and the inference settings, where a threshold given as None is the checkpoint's own
+    (the recorded score threshold, and its ``train.mask_threshold``)."""
+    state = checkpoints.load(path, device)
+    settings = InferenceSettings(
+        score_threshold=recorded_score_threshold(state, path)
         if score_threshold is None
         else score_threshold,
-        mask_threshold=checkpoint["config"]["train"]["mask_threshold"]
+        mask_threshold=state["config"]["train"]["mask_threshold"]
         if mask_threshold is None
         else mask_threshold,
         batch_size=batch_size,
     )
+    return state, checkpoints.model_from_checkpoint(state, device), settings
 
 
 def write_run_outputs(
@@ -386,20 +389,18 @@ def evaluate_checkpoint(
 ) -> dict[str, float]:
     """bmlseg-eval: score a checkpoint on ``split`` of ``root`` (default: its training data).
 
-    ``score_threshold`` and ``mask_threshold`` None take the checkpoint's (checkpoint_settings).
+    ``score_threshold`` and ``mask_threshold`` None take the checkpoint's (load_for_inference).
     Writes summary.json and predictions.png into ``out_dir``; returns the metrics.
     """
     started = time.perf_counter()
     target = resolve_device(device)
-    state = checkpoints.load(checkpoint_path, target)
-    settings = checkpoint_settings(
-        state,
+    state, model, settings = load_for_inference(
         checkpoint_path,
+        target,
         batch_size=batch_size,
         score_threshold=score_threshold,
         mask_threshold=mask_threshold,
     )
-    model = checkpoints.model_from_checkpoint(state, target)
     config = state["config"]
     root = root if root is not None else config["data"]["root"]
     cases = split_cases(read_dataset_json(root), split, max_cases)

@@ -34,6 +34,7 @@ from matplotlib.figure import Figure
 from tqdm import tqdm
 
 from bmlseg.data.format import (
+    Case,
     load_case,
     mask_path,
     read_annotations,
@@ -145,31 +146,44 @@ def evaluate(
         if missing:
             generate(root, method, cases=missing, **recorded_options(root, method))
     annotations = read_annotations(root)
-    scores: dict[str, list[dict[str, float]]] = {method: [] for method in methods}
-    counts = {method: Counter() for method in methods}
+    figures: dict[str, list[tuple[dict, dict]]] = {method: [] for method in methods}
     example = None
     for case_id in tqdm(case_ids, desc="label quality", unit="case"):
         case = load_case(root, case_id, info=info, annotations=annotations)
-        bone = case.bones > 0
         labels = {method: _read_label(root, method, case_id, case.mask.shape) for method in methods}
-        pixel_area_mm2 = case.geometry.spacing[0] * case.geometry.spacing[1]
         for method, label in labels.items():
-            scores[method].append(label_scores(label, case.mask, bone))
-            counts[method].update(instance_counts(label, case.mask, instances, pixel_area_mm2))
+            figures[method].append(case_figures(label, case, instances))
         if example is None and case.mask.any():
             index = int(np.argmax(case.mask.sum(axis=(1, 2))))
             slices = {method: label[index] for method, label in labels.items()}
             example = (f"{case_id}, slice {index}", case.image[index], case.mask[index], slices)
-    rows = [
-        {**_average(method, scores[method]), **_instance_figures(counts[method])}
-        for method in methods
-    ]
+    rows = [summarize(method, figures[method]) for method in methods]
     out_dir = Path(out_dir)
     write_text_atomic(out_dir / "label_quality.md", markdown_table(rows))
     write_text_atomic(out_dir / "label_quality.csv", _csv(rows))
     if example is not None:
         _save_figure(out_dir / "label_quality.png", *example)
     return rows
+
+
+def case_figures(
+    label: np.ndarray, case: Case, instances: InstanceOptions
+) -> tuple[dict[str, float], dict[str, int]]:
+    """``label_scores`` and ``instance_counts`` of one case's label against its mask."""
+    pixel_area_mm2 = case.geometry.spacing[0] * case.geometry.spacing[1]
+    return (
+        label_scores(label, case.mask, case.bones > 0),
+        instance_counts(label, case.mask, instances, pixel_area_mm2),
+    )
+
+
+def summarize(method: str, figures: Sequence[tuple[dict[str, float], dict[str, int]]]) -> dict:
+    """One row of the table from the ``case_figures`` of a method's cases: each label score
+    averaged over the cases where it is defined, the instance counts pooled."""
+    counts: Counter = Counter()
+    for _, case_counts in figures:
+        counts.update(case_counts)
+    return {**_average(method, [scores for scores, _ in figures]), **_instance_figures(counts)}
 
 
 def markdown_table(rows: Sequence[dict]) -> str:
