@@ -23,12 +23,14 @@ from bmlseg.data.instances import InstanceOptions
 
 
 class LabelKind(str, Enum):
-    """The labels a loss preset trains on: ``labels.method`` (soft), ``binary_labels`` (binary)
-    or the pixelwise ground truth (truth: the clean-label oracle)."""
+    """The labels a loss preset trains on: ``labels.method`` (soft), ``binary_labels`` (binary),
+    the pixelwise ground truth (truth: the clean-label oracle) or the readers' rectangles alone
+    (boxes: ``binary_any``, for box-supervised losses)."""
 
     binary = "binary"
     soft = "soft"
     truth = "truth"
+    boxes = "boxes"
 
 
 class Amp(str, Enum):
@@ -90,7 +92,7 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    """Weights of bmlseg.losses.MaskLoss; ``label_kind`` picks soft or binary label volumes."""
+    """Arguments of bmlseg.losses.MaskLoss; ``label_kind`` picks the label volumes."""
 
     name: str = "apl_soft_bce"
     bce: float = 1.0
@@ -101,6 +103,16 @@ class LossConfig:
     p_min: float = 1e-20
     hard_threshold: float = 0.5
     label_kind: LabelKind = LabelKind.soft
+    gce: float = 0.0
+    nnce: float = 0.0
+    dice: float = 0.0
+    tloss: float = 0.0
+    projection: float = 0.0
+    pairwise: float = 0.0
+    q: float = 0.7
+    tloss_log_nu: float = 1.0
+    pairwise_sigma: float = 0.5
+    pairwise_threshold: float = 0.3
 
 
 @dataclass

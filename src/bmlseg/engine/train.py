@@ -404,11 +404,10 @@ def learning_rate(step: int, settings: DictConfig) -> float:
 
 def label_method_for(cfg: DictConfig) -> str:
     """Soft losses train on ``labels.method``, binary ones on ``binary_labels``, the oracle on
-    the ground truth."""
+    the ground truth, box-supervised losses on the union of the readers' rectangles."""
     kind = cfg.loss.label_kind.value
-    if kind == "truth":
-        return "truth"
-    return cfg.binary_labels if kind == "binary" else cfg.labels.method
+    fixed = {"truth": "truth", "boxes": "binary_any", "binary": cfg.binary_labels}
+    return fixed.get(kind, cfg.labels.method)
 
 
 def ensure_labels(cfg: DictConfig, method: str) -> None:

@@ -121,6 +121,15 @@ class IMaskRCNN(MaskRCNN):
         self.image_size = image_size
         self.skip_connection = skip_connection
 
+    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None) -> Any:
+        """torchvision's forward; in training, a mask loss that looks at the image (BoxInst's
+        pairwise term) finds each image in its target as ``"image"``."""
+        if self.training and targets is not None and self.roi_heads.mask_loss_needs_image:
+            targets = [
+                {**target, "image": image} for image, target in zip(images, targets, strict=True)
+            ]
+        return super().forward(images, targets)
+
 
 def probability_map(
     prediction: dict[str, Tensor], image_shape: tuple[int, int], score_threshold: float = 0.5

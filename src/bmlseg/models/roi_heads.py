@@ -10,6 +10,7 @@ from torchvision.models.detection.roi_heads import (
     fastrcnn_loss,
     project_masks_on_boxes,
 )
+from torchvision.ops import roi_align
 
 MaskLossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -60,11 +61,14 @@ def soft_maskrcnn_loss(
     gt_masks: list[Tensor],
     gt_labels: list[Tensor],
     mask_matched_idxs: list[Tensor],
+    images: list[Tensor] | None = None,
 ) -> Tensor:
     """torchvision's ``maskrcnn_loss`` with the criterion ``mask_loss(logits, targets)``.
 
     Logits and targets reach ``mask_loss`` as float32 [P, M, M], also under autocast: the loss
-    math needs float32 to resolve probabilities near 0 and 1.
+    math needs float32 to resolve probabilities near 0 and 1. When ``images`` (per image,
+    [C, H, W]) are given, the loss is called as ``mask_loss(logits, targets, image_patches)``
+    with the image under each RoI on the mask grid, [P, C, M, M] (BoxInst's pairwise term).
     """
     logits, targets = positive_mask_logits_and_targets(
         mask_logits, proposals, gt_masks, gt_labels, mask_matched_idxs
@@ -72,7 +76,17 @@ def soft_maskrcnn_loss(
     if targets.numel() == 0:
         # No positive RoI: a zero that keeps the mask branch in the graph, as torchvision does.
         return mask_logits.sum() * 0
-    return mask_loss(logits.float(), targets.float())
+    if images is None:
+        return mask_loss(logits.float(), targets.float())
+    size = mask_logits.shape[-1]
+    # The same sampling as project_masks_on_boxes uses for the targets, so pixels line up.
+    image_patches = torch.cat(
+        [
+            roi_align(image[None].float(), [boxes], (size, size), 1.0)
+            for image, boxes in zip(images, proposals, strict=True)
+        ]
+    )
+    return mask_loss(logits.float(), targets.float(), image_patches)
 
 
 class SoftMaskRoIHeads(RoIHeads):
@@ -81,12 +95,18 @@ class SoftMaskRoIHeads(RoIHeads):
     Args:
         *args, **kwargs: as for ``RoIHeads``.
         mask_loss: called as ``mask_loss(logits [P, M, M], targets [P, M, M]) -> scalar`` on the
-            positive RoIs' logits of their target class; None means torchvision's BCE.
+            positive RoIs' logits of their target class; None means torchvision's BCE. A loss
+            whose ``needs_image`` is true also gets the image patches [P, C, M, M].
     """
 
     def __init__(self, *args, mask_loss: MaskLossFn | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.mask_loss = mask_loss if mask_loss is not None else bce_mask_loss
+
+    @property
+    def mask_loss_needs_image(self) -> bool:
+        """Whether the mask loss looks at the image (then each target carries it as "image")."""
+        return bool(getattr(self.mask_loss, "needs_image", False))
 
     @classmethod
     def from_roi_heads(
@@ -151,6 +171,7 @@ class SoftMaskRoIHeads(RoIHeads):
             [t["masks"] for t in targets],
             [t["labels"] for t in targets],
             pos_matched_idxs,
+            [t["image"] for t in targets] if self.mask_loss_needs_image else None,
         )
         losses = {
             "loss_classifier": loss_classifier,

@@ -13,6 +13,11 @@ def resize_soft_masks(masks: Tensor, size: tuple[int, int]) -> Tensor:
     return resized[:, 0]
 
 
+# Target entries resized bilinearly with the image: the soft masks [N, H, W], and the image
+# itself [C, H, W] when the mask loss looks at it (see SoftMaskRoIHeads).
+FLOAT_MAPS = ("masks", "image")
+
+
 class SoftMaskTransform(GeneralizedRCNNTransform):
     """torchvision's transform, except that float masks keep their values.
 
@@ -20,6 +25,7 @@ class SoftMaskTransform(GeneralizedRCNNTransform):
     ``.byte()`` on every call, also at scale 1, which turns soft values in (0, 1) into 0. Here
     float masks are resized bilinearly to the image's new size (not at all when the image keeps
     its size, the normal case for IMaskRCNN) and stay float; other masks take torchvision's path.
+    A float ``target["image"]`` is resized the same way.
     """
 
     @classmethod
@@ -38,9 +44,15 @@ class SoftMaskTransform(GeneralizedRCNNTransform):
     def resize(
         self, image: Tensor, target: dict[str, Tensor] | None = None
     ) -> tuple[Tensor, dict[str, Tensor] | None]:
-        if target is None or "masks" not in target or not target["masks"].is_floating_point():
+        if target is None:
             return super().resize(image, target)
-        without_masks = {key: value for key, value in target.items() if key != "masks"}
-        image, resized = super().resize(image, without_masks)
-        resized["masks"] = resize_soft_masks(target["masks"], tuple(image.shape[-2:]))
+        float_maps = {
+            key: target[key]
+            for key in FLOAT_MAPS
+            if key in target and target[key].is_floating_point()
+        }
+        others = {key: value for key, value in target.items() if key not in float_maps}
+        image, resized = super().resize(image, others)
+        for key, maps in float_maps.items():
+            resized[key] = resize_soft_masks(maps, tuple(image.shape[-2:]))
         return image, resized

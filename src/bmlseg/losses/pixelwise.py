@@ -1,4 +1,4 @@
-"""Pixelwise binary losses on logits, and the mask loss built from them.
+"""Pixelwise binary losses on logits, and the fused pass that MaskLoss computes them in.
 
 Notation, per pixel: ``z`` is the logit, ``p = sigmoid(z)`` the predicted probability of the
 foreground, ``y`` in [0, 1] the (soft or hard) target, and ``Pmin`` (``p_min``) the clipping
@@ -25,9 +25,15 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-__all__ = ["MaskLoss", "cross_entropy", "mae", "reverse_cross_entropy"]
+__all__ = [
+    "cross_entropy",
+    "generalized_cross_entropy",
+    "mae",
+    "negative_cross_entropy",
+    "reverse_cross_entropy",
+]
 
 
 def cross_entropy(
@@ -89,75 +95,53 @@ def mae(logits: Tensor, target: Tensor, *, normalized: bool = False) -> Tensor:
     return (p - target.to(p.dtype)).abs()
 
 
-class MaskLoss(nn.Module):
-    """Mask loss of the paper: a weighted sum of (normalized) CE, soft CE, RCE and MAE.
+def generalized_cross_entropy(
+    logits: Tensor, target: Tensor, *, q: float = 0.7, normalized: bool = False
+) -> Tensor:
+    """Elementwise generalized cross entropy, GCE (Zhang & Sabuncu, NeurIPS 2018), soft binary.
 
-    ``loss = bce * CE(hard y) + sce * CE(y) + rce * RCE(y) + mae * MAE(y)``, averaged over all
-    pixels, where the hard target is ``y >= hard_threshold``. The active terms are bce, sce and
-    mae, the passive term is rce (Ma et al.'s active-passive loss, APL). Terms with weight 0 are
-    not computed. With ``normalized`` every term is normalized, otherwise none is.
+    On a hard label GCE is ``(1 - p_y^q) / q``: MAE (up to a factor) at ``q = 1``, CE as
+    ``q -> 0``. A soft target ``y`` is taken as the probability of the label, as CE does, so the
+    value is the expectation over the label and is linear in ``y``:
+    ``GCE(y) = [y (1 - p^q) + (1 - y)(1 - (1 - p)^q)] / q``; at ``y`` = 0 or 1 it is the hard form.
 
-    ``MaskLoss()`` is torchvision's mask loss (plain BCE on binary masks), apart from the
-    clipping at ``p_min``.
+    ``normalized`` gives NGCE (Ma et al., ICML 2020): divided by the sum over the two hard labels,
+    ``[2 - p^q - (1 - p)^q] / q``. ``q`` cancels, and the denominator is at least
+    ``2 - 2^(1-q)`` (> 0 for ``q > 0``), so no guard is needed. NGCE is in [0, 1].
+
+    Args:
+        logits: ``z``, any shape.
+        target: ``y`` in [0, 1], same shape.
+        q: in (0, 1].
+
+    Returns:
+        The loss per element, float32 (float64 for float64 logits).
     """
+    if not 0.0 < q <= 1.0:
+        raise ValueError(f"generalized_cross_entropy: q must be in (0, 1], got {q}")
+    z = _as_compute_dtype(logits)
+    return _generalized_cross_entropy(z, target.to(z.dtype), q, normalized)
 
-    def __init__(
-        self,
-        bce: float = 1.0,
-        sce: float = 0.0,
-        rce: float = 0.0,
-        mae: float = 0.0,
-        normalized: bool = True,
-        p_min: float = 1e-20,
-        hard_threshold: float = 0.5,
-    ) -> None:
-        super().__init__()
-        weights = {"bce": bce, "sce": sce, "rce": rce, "mae": mae}
-        negative = {name: weight for name, weight in weights.items() if weight < 0}
-        if negative:
-            raise ValueError(f"MaskLoss: weights must be >= 0, got {negative}")
-        if not any(weights.values()):
-            raise ValueError(f"MaskLoss: at least one weight must be > 0, got {weights}")
-        if not 0.0 < p_min < 0.5:
-            raise ValueError(f"MaskLoss: p_min must be in (0, 0.5), got {p_min}")
-        self.bce = float(bce)
-        self.sce = float(sce)
-        self.rce = float(rce)
-        self.mae = float(mae)
-        self.normalized = bool(normalized)
-        self.p_min = float(p_min)
-        self.hard_threshold = float(hard_threshold)
 
-    def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
-        """Mean loss over all pixels.
+def negative_cross_entropy(logits: Tensor, target: Tensor, *, p_min: float = 1e-20) -> Tensor:
+    """Elementwise normalized negative cross entropy, NNCE (Ye et al., NeurIPS 2023), soft binary.
 
-        Args:
-            logits: ``[P, M, M]`` mask logits of the positive RoIs for their target class.
-            targets: ``[P, M, M]`` soft (or binary) targets in [0, 1].
+    The passive loss of the active-negative loss (ANL = NCE + NNCE). With ``A = -log Pmin`` and
+    the clipped prediction ``p*``, the "negative" log-probabilities ``a = A + log p*`` and
+    ``b = A + log(1 - p*)`` lie in [0, A], and
+    ``NNCE(y) = 1 - [y a + (1 - y) b] / (a + b)``: linear in ``y``, in [0, 1], and its values on
+    the two hard labels sum to 1. NNCE exists only in this normalized form. Ye et al. clip the
+    prediction at ``min_prob`` = 1e-7 (their default); pass that as ``p_min`` to match them.
 
-        Returns:
-            A scalar, float32 (float64 for float64 logits). For ``P == 0`` it is a zero that is
-            still connected to ``logits``, as torchvision's ``maskrcnn_loss`` returns.
-        """
-        if logits.shape != targets.shape:
-            raise ValueError(
-                f"MaskLoss: logits and targets must have the same shape, got "
-                f"{tuple(logits.shape)} and {tuple(targets.shape)}"
-            )
-        z = _as_compute_dtype(logits)
-        if z.numel() == 0:
-            return z.sum() * 0
-        weights = (self.bce, self.sce, self.rce, self.mae)
-        return _MaskLossFunction.apply(
-            z, targets.to(z.dtype), weights, self.normalized, self.p_min, self.hard_threshold
-        )
+    Args:
+        logits: ``z``, any shape.
+        target: ``y`` in [0, 1], same shape.
 
-    def extra_repr(self) -> str:
-        return (
-            f"bce={self.bce}, sce={self.sce}, rce={self.rce}, mae={self.mae}, "
-            f"normalized={self.normalized}, p_min={self.p_min}, "
-            f"hard_threshold={self.hard_threshold}"
-        )
+    Returns:
+        The loss per element, float32 (float64 for float64 logits).
+    """
+    log_p, log_q = _clipped_log_probs(logits, p_min)
+    return _negative_cross_entropy(log_p, log_q, target.to(log_p.dtype), p_min)
 
 
 def _as_compute_dtype(logits: Tensor) -> Tensor:
@@ -215,6 +199,23 @@ def _reverse_cross_entropy(z: Tensor, target: Tensor, normalized: bool, p_min: f
     return loss / _reverse_cross_entropy_normalizer(p_min)
 
 
+def _generalized_cross_entropy(z: Tensor, target: Tensor, q: float, normalized: bool) -> Tensor:
+    """GCE or NGCE from float logits ``z``; see :func:`generalized_cross_entropy`."""
+    p_q = torch.exp(q * F.logsigmoid(z))  # p^q, finite for every z (no 0^q with q < 1 issues)
+    not_p_q = torch.exp(q * F.logsigmoid(-z))
+    loss = target * (1 - p_q) + (1 - target) * (1 - not_p_q)
+    if normalized:
+        return loss / (2 - p_q - not_p_q)
+    return loss / q
+
+
+def _negative_cross_entropy(log_p: Tensor, log_q: Tensor, target: Tensor, p_min: float) -> Tensor:
+    """NNCE from clipped ``log p`` and ``log(1 - p)``; see :func:`negative_cross_entropy`."""
+    shift = -math.log(p_min)
+    negative_p, negative_q = shift + log_p, shift + log_q
+    return 1 - (target * negative_p + (1 - target) * negative_q) / (negative_p + negative_q)
+
+
 class _MaskLossFunction(torch.autograd.Function):
     """MaskLoss's value and its gradient in one pass over the pixels.
 
@@ -247,7 +248,7 @@ class _MaskLossFunction(torch.autograd.Function):
         bce, sce, rce, mae_weight = weights
         z_max = _logit_bound(p_min)
         z_clipped = z.clamp(-z_max, z_max)
-        p, q = torch.sigmoid(z_clipped), torch.sigmoid(-z_clipped)
+        p, q, log_p, log_q = _probabilities_and_logs(z_clipped)
         # Each term is averaged before it is weighted and summed: scalar arithmetic instead of
         # full-size additions.
         loss = z.new_zeros(())
@@ -259,7 +260,6 @@ class _MaskLossFunction(torch.autograd.Function):
             if bce:
                 on_p = on_p + bce * (y >= hard_threshold).to(z.dtype)
             on_not_p = (bce + sce) - on_p
-            log_p, log_q = F.logsigmoid(z_clipped), F.logsigmoid(-z_clipped)
             cross_entropy_value = _cross_entropy(log_p, log_q, on_p, on_not_p, normalized)
             cross_entropy_grad = on_not_p * p - on_p * q
             if normalized:
@@ -288,3 +288,25 @@ class _MaskLossFunction(torch.autograd.Function):
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
         (grad,) = ctx.saved_tensors
         return grad_output * grad, None, None, None, None, None
+
+
+def _probabilities_and_logs(z: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(p, 1 - p, log p, log(1 - p))`` for ``p = sigmoid(z)``, from one ``exp`` and one ``log1p``.
+
+    With ``e = exp(-|z|)`` (in (0, 1], never overflows): ``log p = min(z, 0) - log1p(e)``,
+    ``log(1 - p) = log p - z``, and ``p``, ``1 - p`` are ``1 / (1 + e)`` and ``e / (1 + e)``,
+    which is which depending on the sign of z. Four sigmoid/log-sigmoid calls would evaluate
+    eight transcendental functions per pixel; the CPU time of the mask loss is mostly those.
+    """
+    e = torch.exp(-z.abs())
+    log_p = z.clamp(max=0) - torch.log1p(e)
+    log_q = log_p - z
+    larger = 1 / (1 + e)
+    smaller = e * larger
+    positive = z >= 0
+    return (
+        torch.where(positive, larger, smaller),
+        torch.where(positive, smaller, larger),
+        log_p,
+        log_q,
+    )
