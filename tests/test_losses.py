@@ -12,6 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
+from test_robust_losses import FIELD_PRESETS
 
 from bmlseg.losses import MaskLoss, cross_entropy, mae, reverse_cross_entropy
 
@@ -357,11 +358,13 @@ def test_mask_loss_repr_shows_the_terms_in_use():
 
 def preset_files() -> list:
     folder = importlib.resources.files("bmlseg.conf") / "loss"
-    return sorted((f for f in folder.iterdir() if f.name.endswith(".yaml")), key=lambda f: f.name)
+    return sorted((folder / f"{name}.yaml" for name in TABLE_I), key=lambda f: f.name)
 
 
-def test_presets_are_exactly_the_rows_of_table_i_and_the_oracle():
-    assert sorted(f.name.removesuffix(".yaml") for f in preset_files()) == sorted(TABLE_I)
+def test_presets_are_the_rows_of_table_i_the_oracle_and_the_field_losses():
+    folder = importlib.resources.files("bmlseg.conf") / "loss"
+    names = {f.name.removesuffix(".yaml") for f in folder.iterdir() if f.name.endswith(".yaml")}
+    assert names == set(TABLE_I) | set(FIELD_PRESETS)
 
 
 @pytest.mark.parametrize("path", preset_files(), ids=lambda f: f.name)

@@ -216,3 +216,19 @@ def test_main_report(tmp_path, capsys):
     assert (sweep / "report.png").is_file()
     assert main_report([str(tmp_path / "empty")]) == 1
     assert "bmlseg-report: error:" in capsys.readouterr().err
+
+
+def test_one_report_over_two_sweeps_pairs_them_and_shows_the_other_terms(tmp_path):
+    gce = {**APL_SOFT, "name": "gce", "sce": 0.0, "rce": 0.0, "normalized": False, "gce": 1.0}
+    first = write_sweep(tmp_path / "paper", RUNS)
+    second = write_sweep(tmp_path / "field", [(gce, "kimriss", 0, 0.50), (gce, "kimriss", 1, 0.52)])
+    with pytest.raises(ValueError, match="--out"):
+        write_report([first, second])
+    paths = write_report([first, second], tmp_path / "out")
+    comparison = paired(table(collect(first, second)))
+    assert [row["method"] for row in comparison] == ["apl_soft", "gce"]
+    assert comparison[1]["pairs"] == 2
+    markdown = paths["md"].read_text("utf-8")
+    assert "| gce | 0 | 0 | 0 | 0 | gce 1 | no |" in markdown
+    assert "| apl_soft | 0 | 1 | 1 | 0 | - | yes |" in markdown
+    assert main_report([str(first), str(second), "--out", str(tmp_path / "cli")]) == 0

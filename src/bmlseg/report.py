@@ -1,10 +1,11 @@
-"""Sweep report: every run's summary.json below a folder -> a Table-I style table and a plot.
+"""Sweep report: every run's summary.json below some folders -> a Table-I style table and a plot.
 
-``bmlseg-report DIR`` reads each ``summary.json`` below DIR (one run, or a Hydra multirun folder),
-groups the runs by configuration (loss name, loss weights, normalization, label kind, label
-method), and gives the mean and sample standard deviation of each metric over the seeds that have
-it (an undefined metric, NaN, is left out and the count of seeds shown). It writes ``report.md``,
-``report.csv`` and ``report.png`` (into DIR unless told otherwise).
+``bmlseg-report DIR [DIR ...]`` reads each ``summary.json`` below the folders (runs, or Hydra
+multirun folders: e.g. a new sweep beside the one with its baseline), groups the runs by
+configuration (loss name, loss weights, normalization, label kind, label method), and gives the
+mean and sample standard deviation of each metric over the seeds that have it (an undefined
+metric, NaN, is left out and the count of seeds shown). It writes ``report.md``, ``report.csv``
+and ``report.png`` (into the one DIR, or ``--out``).
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ __all__ = [
 SUMMARY_KEYS = (*METRIC_KEYS, "loss", "label_method", "seed", "run_dir")
 LOSS_KEYS = ("name", "bce", "sce", "rce", "mae", "normalized", "label_kind")
 LOSS_WEIGHTS = ("bce", "sce", "rce", "mae")
+# MaskLoss terms beyond the paper's, shown together in one column; absent (older runs) means 0.
+OTHER_TERMS = ("gce", "nnce", "dice", "tloss", "projection", "pairwise")
 ORACLE = "truth_bce"  # the clean-label oracle: the upper bound of the noise gap
 BASELINE = "baseline_bce"  # what every other row is paired against, seed by seed
 # Mean Dice by which the oracle must beat the baseline for the share of that gap to be reported:
@@ -121,15 +124,23 @@ def _read_summary(path: Path) -> dict[str, Any]:
     return {**summary, "summary_path": str(path)}
 
 
-def collect(directory: str | os.PathLike) -> list[dict[str, Any]]:
-    """Every summary.json below directory (recursively), in path order, each with summary_path."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"{directory}: not a folder")
-    paths = sorted(directory.rglob("summary.json"))
-    if not paths:
-        raise FileNotFoundError(f"{directory}: no summary.json found below it")
+def collect(*directories: str | os.PathLike) -> list[dict[str, Any]]:
+    """Every summary.json below the directories (recursively), in path order, each with
+    summary_path."""
+    paths = []
+    for directory in map(Path, directories):
+        if not directory.is_dir():
+            raise FileNotFoundError(f"{directory}: not a folder")
+        found = sorted(directory.rglob("summary.json"))
+        if not found:
+            raise FileNotFoundError(f"{directory}: no summary.json found below it")
+        paths += found
     return [_read_summary(path) for path in paths]
+
+
+def _other_terms(loss: dict[str, Any]) -> str:
+    """The weights of the terms beyond the paper's, e.g. ``"gce 1, nnce 0.5"``; empty if none."""
+    return ", ".join(f"{key} {float(loss[key]):g}" for key in OTHER_TERMS if loss.get(key))
 
 
 def _configuration(row: dict[str, Any]) -> tuple:
@@ -138,6 +149,7 @@ def _configuration(row: dict[str, Any]) -> tuple:
     return (
         str(loss["name"]),
         *weights,
+        _other_terms(loss),
         bool(loss["normalized"]),
         str(loss["label_kind"]),
         str(row["label_method"]),
@@ -161,7 +173,7 @@ def table(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     names alphabetically, then by weights, normalization and label method.
 
     Returns:
-        One dict per configuration: method, bce, sce, rce, mae, normalized, label_kind,
+        One dict per configuration: method, bce, sce, rce, mae, other_terms, normalized, label_kind,
         label_method, n, seeds, runs (the rows themselves), and <metric>_mean, <metric>_std,
         <metric>_n for each metric.
     """
@@ -171,13 +183,14 @@ def table(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     result = []
     for configuration in sorted(groups, key=_table_order):
         members = groups[configuration]
-        name, bce, sce, rce, mae, normalized, label_kind, label_method = configuration
+        name, bce, sce, rce, mae, other_terms, normalized, label_kind, label_method = configuration
         entry: dict[str, Any] = {
             "method": name,
             "bce": bce,
             "sce": sce,
             "rce": rce,
             "mae": mae,
+            "other_terms": other_terms,
             "normalized": normalized,
             "label_kind": label_kind,
             "label_method": label_method,
@@ -218,11 +231,12 @@ def _label(entry: dict[str, Any]) -> str:
 
 def markdown_table(entries: Sequence[dict[str, Any]]) -> str:
     """Table-I style markdown of table() output: AP and IoU in %, the rest as fractions or mL."""
-    header = ["Method", "BCE", "SCE", "RCE", "MAE", "Norm.", "Label"]
+    header = ["Method", "BCE", "SCE", "RCE", "MAE", "Other terms", "Norm.", "Label"]
     header += [title for _, title, _, _ in METRIC_COLUMNS] + ["n"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for entry in entries:
         cells = [entry["method"]] + [f"{entry[key]:g}" for key in LOSS_WEIGHTS]
+        cells.append(entry["other_terms"] or "-")
         cells += ["yes" if entry["normalized"] else "no", _label(entry)]
         cells += [
             _format_metric(entry, key, scale, decimals)
@@ -393,22 +407,29 @@ def _save_figure_atomic(figure: Figure, path: Path) -> Path:
 
 
 def write_report(
-    directory: str | os.PathLike, out_dir: str | os.PathLike | None = None
+    directories: str | os.PathLike | Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike | None = None,
 ) -> dict[str, Path]:
-    """Write report.md, report.csv and report.png for the runs below directory.
+    """Write report.md, report.csv and report.png for the runs below the directories.
 
     report.md also holds the paired comparison with baseline_bce (when there are baseline
     runs) and report_seeds.png Dice and lesion recall per configuration with every seed.
+    ``out_dir`` defaults to the directory when there is one, and is needed otherwise.
 
     Returns:
         {"md": path, "csv": path, "png": path, "seeds_png": path}
     """
-    rows = collect(directory)
+    if isinstance(directories, str | os.PathLike):
+        directories = [directories]
+    if out_dir is None and len(directories) != 1:
+        raise ValueError(f"{len(directories)} folders: say where the report goes (--out)")
+    rows = collect(*directories)
     entries = table(rows)
     comparison = paired(entries)
-    out_dir = Path(directory if out_dir is None else out_dir)
+    out_dir = Path(directories[0] if out_dir is None else out_dir)
+    below = ", ".join(f"`{directory}`" for directory in directories)
     heading = (
-        f"# bmlseg report\n\n{len(rows)} runs below `{directory}`, {len(entries)} "
+        f"# bmlseg report\n\n{len(rows)} runs below {below}, {len(entries)} "
         "configurations. AP and IoU in %, recall, precision, Dice and ECE as fractions, volume "
         "error as mean absolute error in mL; mean ± sample std over the n runs of a "
         "configuration when n > 1. A run whose metric is undefined (NaN) is left out of that "
@@ -434,16 +455,20 @@ def write_report(
 
 
 def main_report(argv: Sequence[str] | None = None) -> int:
-    """bmlseg-report DIR [--out OUT]: write the report and print report.md."""
+    """bmlseg-report DIR [DIR ...] [--out OUT]: write the report and print report.md."""
     parser = argparse.ArgumentParser(
         prog="bmlseg-report",
-        description="Summarize every summary.json below DIR as a Table-I style report.",
+        description="Summarize every summary.json below the folders as a Table-I style report.",
     )
-    parser.add_argument("directory", metavar="DIR", help="a run or a Hydra multirun folder")
-    parser.add_argument("--out", help="folder for report.md/.csv/.png (default: DIR)")
+    parser.add_argument(
+        "directories", metavar="DIR", nargs="+", help="runs or Hydra multirun folders"
+    )
+    parser.add_argument(
+        "--out", help="folder for report.md/.csv/.png (default: DIR, when there is one)"
+    )
     arguments = parser.parse_args(argv)
     try:
-        paths = write_report(arguments.directory, arguments.out)
+        paths = write_report(arguments.directories, arguments.out)
     except (FileNotFoundError, ValueError) as error:
         print(f"bmlseg-report: error: {error}", file=sys.stderr)
         return 1

@@ -38,8 +38,6 @@ from bmlseg.io import atomic_path
 from bmlseg.metrics import METRIC_KEYS, SCORE_GRID, VolumeMetrics, probability_maps
 from bmlseg.models import probability_map
 
-SUMMARY_LOSS_KEYS = ("name", "bce", "sce", "rce", "mae", "normalized", "label_kind")
-
 
 @dataclass(frozen=True)
 class InferenceSettings:
@@ -332,7 +330,7 @@ def write_run_outputs(
     summary = {
         **scores,
         "split": split,
-        "loss": {key: config["loss"][key] for key in SUMMARY_LOSS_KEYS},
+        "loss": dict(config["loss"]),
         "label_method": checkpoint["label_method"],
         "seed": seed,
         "run_dir": str(out_dir.resolve()),

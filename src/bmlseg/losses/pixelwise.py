@@ -166,8 +166,8 @@ def _label_logs(target: Tensor, p_min: float) -> tuple[Tensor, Tensor]:
     """``(log y*, log(1 - y*))`` with the label ``y*`` clipped to ``[Pmin, 1 - Pmin]``."""
     log_max = math.log1p(-p_min)
     # 1 - y and y are clipped separately: 1 - clip(y) would make 1 - (1 - Pmin) == 0 in float32.
-    log_y = target.clamp_min(p_min).log().clamp_max(log_max)
-    log_not_y = (1 - target).clamp_min(p_min).log().clamp_max(log_max)
+    log_y = target.clamp_min(p_min).log_().clamp_max_(log_max)
+    log_not_y = (1 - target).clamp_min_(p_min).log_().clamp_max_(log_max)
     return log_y, log_not_y
 
 
@@ -217,18 +217,19 @@ def _negative_cross_entropy(log_p: Tensor, log_q: Tensor, target: Tensor, p_min:
 
 
 class _MaskLossFunction(torch.autograd.Function):
-    """MaskLoss's value and its gradient in one pass over the pixels.
+    """MaskLoss's CE, RCE and MAE terms: value and gradient in one pass over the pixels.
 
     Autograd through the elementwise functions records some 80 small kernels per call, which is
-    what a mask loss costs on a GPU, where it is launch-bound. The analytic gradient costs a few
-    more operations in the forward pass and a single multiply in the backward pass. With
-    ``p = sigmoid(z)``, ``q = 1 - p``, ``a = -log p``, ``b = -log q`` (``da/dz = -q``,
-    ``db/dz = p``) and the label logs ``A = log y*``, ``B = log(1 - y*)``:
+    what a mask loss costs on a GPU, where it is launch-bound; on a CPU each kernel is a pass
+    over memory. The analytic gradient needs a few more operations in the forward pass and a
+    single multiply in the backward pass. With ``p = sigmoid(z)``, ``a = -log p``,
+    ``b = -log(1 - p) = softplus(z)``, so that ``a = b - z`` and ``a + b = 2b - z``
+    (``db/dz = p``), and the label logs ``A = log y*``, ``B = log(1 - y*)``:
 
-    - CE with weights ``u`` on ``a`` and ``v`` on ``b``: ``d(u a + v b)/dz = v p - u q``;
-    - normalized, ``NCE = CE / (a + b)``: ``dNCE/dz = (v p - u q - NCE (p - q)) / (a + b)``;
-    - ``RCE = -(p A + q B)``: ``dRCE/dz = -p q (A - B)``;
-    - ``MAE = |p - y|``: ``dMAE/dz = sign(p - y) p q``;
+    - CE with weight ``u`` on ``a`` and ``W - u`` on ``b``: ``W b - u z``, gradient ``W p - u``;
+    - normalized, ``NCE = CE / (2b - z)``: ``dNCE/dz = (W p - u - NCE (2p - 1)) / (2b - z)``;
+    - ``RCE = -(B + p (A - B))``: ``dRCE/dz = -p (1 - p)(A - B)``;
+    - ``MAE = |p - y|``: ``dMAE/dz = sign(p - y) p (1 - p)``;
 
     and zero where ``|z|`` is beyond the clip of p at ``[Pmin, 1 - Pmin]``. The value is the
     same as the weighted sum of :func:`cross_entropy`, :func:`reverse_cross_entropy` and
@@ -248,65 +249,46 @@ class _MaskLossFunction(torch.autograd.Function):
         bce, sce, rce, mae_weight = weights
         z_max = _logit_bound(p_min)
         z_clipped = z.clamp(-z_max, z_max)
-        p, q, log_p, log_q = _probabilities_and_logs(z_clipped)
+        p = torch.sigmoid(z_clipped)
         # Each term is averaged before it is weighted and summed: scalar arithmetic instead of
         # full-size additions.
         loss = z.new_zeros(())
         grad = torch.zeros_like(z)
         if bce or sce:
             # Cross entropy is linear in its target, so bce * H(hard, p) + sce * H(y, p) is one
-            # cross entropy whose weights on log p and log(1 - p) add up both targets' weights.
-            on_p = sce * y
+            # cross entropy with weight u = sce y + bce [y >= t] on -log p and W - u on
+            # -log(1 - p), W = bce + sce.
+            weight = bce + sce
+            on_p = y * sce if sce else torch.zeros_like(y)
             if bce:
-                on_p = on_p + bce * (y >= hard_threshold).to(z.dtype)
-            on_not_p = (bce + sce) - on_p
-            cross_entropy_value = _cross_entropy(log_p, log_q, on_p, on_not_p, normalized)
-            cross_entropy_grad = on_not_p * p - on_p * q
+                on_p = on_p.add_(y >= hard_threshold, alpha=bce)
+            not_log_q = F.softplus(z_clipped)
+            cross_entropy_value = torch.addcmul(not_log_q * weight, on_p, z_clipped, value=-1)
+            grad = torch.sub(p * weight, on_p)
             if normalized:
-                cross_entropy_grad = (cross_entropy_grad - cross_entropy_value * (p - q)) / (
-                    -(log_p + log_q)
-                )
+                total = z_clipped.neg().add_(not_log_q, alpha=2)
+                cross_entropy_value = cross_entropy_value.div_(total)
+                grad = grad.addcmul_(cross_entropy_value, p * 2 - 1, value=-1).div_(total)
             loss = loss + cross_entropy_value.mean()
-            grad = grad + cross_entropy_grad
         if rce or mae_weight:
-            p_q = p * q
+            p_not_p = p * (1 - p)
         if rce:
             scale = rce / (_reverse_cross_entropy_normalizer(p_min) if normalized else 1.0)
             log_y, log_not_y = _label_logs(y, p_min)
-            loss = loss + scale * (-(p * log_y + q * log_not_y)).mean()
-            grad = grad - scale * p_q * (log_y - log_not_y)
+            log_ratio = log_y.sub_(log_not_y)
+            loss = loss - scale * (log_not_y.mean() + (p * log_ratio).mean())
+            grad = grad.addcmul_(p_not_p, log_ratio, value=-scale)
         if mae_weight:
             difference = p - y
             loss = loss + mae_weight * difference.abs().mean()
-            grad = grad + mae_weight * difference.sign() * p_q
-        grad = grad.masked_fill_(z.abs() > z_max, 0) / z.numel()
+            grad = grad.addcmul_(difference.sign_(), p_not_p, value=mae_weight)
+        grad = grad.masked_fill_(z != z_clipped, 0)
         ctx.save_for_backward(grad)
+        ctx.numel = z.numel()
         return loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
         (grad,) = ctx.saved_tensors
-        return grad_output * grad, None, None, None, None, None
-
-
-def _probabilities_and_logs(z: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(p, 1 - p, log p, log(1 - p))`` for ``p = sigmoid(z)``, from one ``exp`` and one ``log1p``.
-
-    With ``e = exp(-|z|)`` (in (0, 1], never overflows): ``log p = min(z, 0) - log1p(e)``,
-    ``log(1 - p) = log p - z``, and ``p``, ``1 - p`` are ``1 / (1 + e)`` and ``e / (1 + e)``,
-    which is which depending on the sign of z. Four sigmoid/log-sigmoid calls would evaluate
-    eight transcendental functions per pixel; the CPU time of the mask loss is mostly those.
-    """
-    e = torch.exp(-z.abs())
-    log_p = z.clamp(max=0) - torch.log1p(e)
-    log_q = log_p - z
-    larger = 1 / (1 + e)
-    smaller = e * larger
-    positive = z >= 0
-    return (
-        torch.where(positive, larger, smaller),
-        torch.where(positive, smaller, larger),
-        log_p,
-        log_q,
-    )
+        return grad * (grad_output / ctx.numel), None, None, None, None, None
