@@ -15,7 +15,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	touch $(STAMP)
 
-test: install
+# Style is checked first, so CI (.ci/run calls make test) never lets it drift.
+test: lint
 	$(BIN)/python -m pytest -q
 
 test-fast: install

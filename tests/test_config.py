@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import inspect
 import itertools
 from importlib.resources import files
 
@@ -10,10 +12,12 @@ import pytest
 from hydra import compose, initialize_config_module
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import ConfigCompositionException, MissingConfigException
-from omegaconf import OmegaConf
+from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
+from bmlseg import config
 from bmlseg.config import register_configs
+from bmlseg.losses import MaskLoss
 from bmlseg.report import PRESET_ORDER
 
 CONF = files("bmlseg.conf")
@@ -171,3 +175,87 @@ def test_tool_configs_compose_and_require_their_inputs():
     assert (synth.n_subjects, synth.preset) == (2, "small")
     with pytest.raises(MissingMandatoryValue):
         _ = compose("evaluate").checkpoint
+
+
+# --- each value written once --------------------------------------------------------------------
+
+# The schema fields whose defaults belong to the code that uses them; every other schema field is
+# MISSING, so that its value is written in one YAML file only.
+OWNED_BY_CODE = {
+    (config.DataConfig, "instances"),
+    *((config.LossConfig, name) for name in inspect.signature(MaskLoss).parameters),
+}
+SCHEMAS = [
+    config.DataConfig,
+    config.LabelsConfig,
+    config.ModelConfig,
+    config.LossConfig,
+    config.TrainConfig,
+    config.TrainApp,
+    config.EvalData,
+    config.EvalApp,
+    config.PredictApp,
+    config.LabelsApp,
+    config.SynthApp,
+]
+
+
+@pytest.mark.parametrize("schema", SCHEMAS, ids=lambda schema: schema.__name__)
+def test_schema_fields_are_missing_unless_the_code_owns_their_default(schema):
+    for field in dataclasses.fields(schema):
+        has_default = field.default is not dataclasses.MISSING and field.default != MISSING
+        if (schema, field.name) in OWNED_BY_CODE:
+            continue
+        nested = field.default_factory is not dataclasses.MISSING
+        assert not has_default or nested, f"{schema.__name__}.{field.name} = {field.default!r}"
+        if nested:
+            assert dataclasses.is_dataclass(field.default_factory), (
+                f"{schema.__name__}.{field.name}"
+            )
+
+
+def test_loss_schema_defaults_are_mask_loss_defaults():
+    for name, parameter in inspect.signature(MaskLoss).parameters.items():
+        assert getattr(config.LossConfig, name) == parameter.default, name
+
+
+@pytest.mark.parametrize("path", sorted(CONF.joinpath("loss").iterdir(), key=str), ids=str)
+def test_no_loss_preset_restates_a_mask_loss_default(path):
+    if not path.name.endswith(".yaml"):
+        pytest.skip("not a preset")
+    defaults = {name: p.default for name, p in inspect.signature(MaskLoss).parameters.items()}
+    preset = OmegaConf.to_container(OmegaConf.load(str(path)))
+    restated = {
+        key: value
+        for key, value in preset.items()
+        if key in defaults and value == defaults[key] and type(value) is type(defaults[key])
+    }
+    assert not restated, f"{path.name} restates MaskLoss's defaults {restated}"
+
+
+def _own_values(group: str, name: str) -> dict:
+    values = OmegaConf.to_container(OmegaConf.load(str(CONF.joinpath(group, f"{name}.yaml"))))
+    values.pop("defaults", None)
+    return values
+
+
+def _flatten(values: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat |= _flatten(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+@pytest.mark.parametrize("group", ["model", "train", "labels"])
+def test_no_variant_restates_what_it_inherits(group):
+    for name in options(group):
+        raw = OmegaConf.to_container(OmegaConf.load(str(CONF.joinpath(group, f"{name}.yaml"))))
+        parents = [entry for entry in raw.get("defaults", []) if entry != "_self_"]
+        for parent in parents:
+            inherited = _flatten(_own_values(group, parent))
+            own = _flatten(_own_values(group, name))
+            restated = {key for key, value in own.items() if inherited.get(key) == value}
+            assert not restated, f"{group}/{name}.yaml restates {sorted(restated)} of {parent}"

@@ -10,7 +10,11 @@ from bmlseg.engine.train import learning_rate
 
 
 def settings(**overrides):
-    return OmegaConf.structured(TrainConfig(lr=1.0, steps=10, warmup_steps=2, **overrides))
+    return OmegaConf.structured(
+        TrainConfig(
+            **{"lr": 1.0, "steps": 10, "warmup_steps": 2, "lr_schedule": "constant", **overrides}
+        )
+    )
 
 
 def test_warm_up_then_constant():

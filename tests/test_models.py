@@ -16,6 +16,8 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from bmlseg.config import register_configs
+from bmlseg.engine.checkpoint import build_model
 from bmlseg.losses import MaskLoss
 from bmlseg.models import (
     IMaskRCNN,
@@ -372,25 +374,21 @@ def test_probability_map_is_the_max_of_kept_instances_masks():
 
 
 @pytest.mark.parametrize("name", sorted(path.stem for path in MODEL_CONFIGS.glob("*.yaml")))
-def test_model_configs_build(name):
+def test_the_factory_builds_every_model_config(name):
+    """build_model, what bmlseg-train, -eval and -predict call, on each model config as composed
+    by bmlseg-train (image_size follows data.crop_size)."""
+    register_configs()
     with initialize_config_module(config_module="bmlseg.conf", version_base=None):
-        config = OmegaConf.to_container(compose(overrides=[f"+model={name}"]).model)
-    assert set(config) == {
-        "name",
-        "backbone",
-        "image_size",
-        "skip_connection",
-        "backbone_weights",
-        "maskrcnn_kwargs",
-    }
-    assert config["name"] == name
-    options = {
-        key: value for key, value in config.items() if key not in ("name", "maskrcnn_kwargs")
-    }
-    model = IMaskRCNN(NUM_CLASSES, **options, **config["maskrcnn_kwargs"])
-    assert model.transform.min_size == (config["image_size"],)
+        config = compose("train", overrides=[f"model={name}", "loss=baseline_bce"])
+    model_config = OmegaConf.to_container(config.model, resolve=True)
+    loss_config = OmegaConf.to_container(config.loss, resolve=True)
+    assert model_config["name"] == name
+    model = build_model(model_config, loss_config, NUM_CLASSES)
+    assert model.transform.min_size == (config.data.crop_size,)
+    assert model.backbone_name == model_config["backbone"]
     skip = model.roi_heads.mask_head.__class__.__name__ == "SkipMaskHead"
-    assert skip == config["skip_connection"]
+    assert skip == model_config["skip_connection"]
+    assert model.roi_heads.mask_loss.weights["bce"] == 1.0
 
 
 @pytest.mark.cuda

@@ -4,10 +4,17 @@ The YAML files under ``conf/`` hold the values; these dataclasses say which keys
 which type, so a mistyped override (``loss.bcee=1``, ``train.amp=fp61``) fails at composition
 with an error naming the key, instead of being silently ignored. Each primary config
 (``train.yaml``, ``evaluate.yaml``, ...) lists its schema first in its defaults list.
+
+Each value is written once. A field is ``MISSING`` here when a YAML file supplies it (a config
+group's option, or an app's own YAML); the exceptions are settings whose defaults belong to the
+code that uses them: the mask loss's terms (``MaskLoss``'s signature) and the instance options
+(``InstanceOptions``), which presets then override only where they differ.
+(tests/test_config.py checks both rules.)
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Optional
@@ -16,6 +23,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from bmlseg.data.instances import InstanceOptions
+from bmlseg.losses import MaskLoss
 
 # OmegaConf reads the annotations at runtime: keep typing.Optional/Dict/List spellings that
 # Python 3.10 can evaluate, hence the noqa below.
@@ -60,12 +68,12 @@ class BestMetric(str, Enum):
 class DataConfig:
     """A dataset folder (see bmlseg.data.format) and how slices are cut from it."""
 
-    root: str = "data/synthetic"
-    crop_size: int = 128
-    mirror: bool = True
-    lesion_free_ratio: float = 0.1
-    per_bone_classes: bool = False
-    num_workers: int = 0
+    root: str = MISSING
+    crop_size: int = MISSING
+    mirror: bool = MISSING
+    lesion_free_ratio: float = MISSING
+    per_bone_classes: bool = MISSING
+    num_workers: int = MISSING
     instances: InstanceOptions = field(default_factory=InstanceOptions)
 
 
@@ -73,80 +81,83 @@ class DataConfig:
 class LabelsConfig:
     """A soft-label method of bmlseg.labels and its options."""
 
-    method: str = "kimriss"
-    options: dict[str, Any] = field(default_factory=dict)
+    method: str = MISSING
+    options: dict[str, Any] = MISSING
 
 
 @dataclass
 class ModelConfig:
     """Keyword arguments of bmlseg.models.IMaskRCNN (num_classes and mask_loss come from data
-    and loss)."""
+    and loss; image_size from data.crop_size, in train.yaml)."""
 
-    name: str = "imaskrcnn_r18"
-    backbone: str = "resnet18"
-    image_size: int = 128
-    skip_connection: bool = True
-    backbone_weights: Optional[str] = None
-    maskrcnn_kwargs: dict[str, Any] = field(default_factory=dict)
+    name: str = MISSING
+    backbone: str = MISSING
+    image_size: int = MISSING
+    skip_connection: bool = MISSING
+    backbone_weights: Optional[str] = MISSING
+    maskrcnn_kwargs: dict[str, Any] = MISSING
+
+
+_MASK_LOSS = {
+    name: parameter.default for name, parameter in inspect.signature(MaskLoss).parameters.items()
+}
 
 
 @dataclass
 class LossConfig:
-    """Arguments of bmlseg.losses.MaskLoss; ``label_kind`` picks the label volumes."""
+    """Arguments of bmlseg.losses.MaskLoss, with its defaults; ``label_kind`` picks the label
+    volumes. A preset (conf/loss/) gives its name and label kind and the arguments it changes."""
 
-    name: str = "apl_soft_bce"
-    bce: float = 1.0
-    sce: float = 0.0
-    rce: float = 0.0
-    mae: float = 0.0
-    normalized: bool = True
-    p_min: float = 1e-20
-    hard_threshold: float = 0.5
-    label_kind: LabelKind = LabelKind.soft
-    gce: float = 0.0
-    nnce: float = 0.0
-    dice: float = 0.0
-    tloss: float = 0.0
-    projection: float = 0.0
-    pairwise: float = 0.0
-    q: float = 0.7
-    tloss_log_nu: float = 1.0
-    pairwise_sigma: float = 0.5
-    pairwise_threshold: float = 0.3
+    name: str = MISSING
+    label_kind: LabelKind = MISSING
+    bce: float = _MASK_LOSS["bce"]
+    sce: float = _MASK_LOSS["sce"]
+    rce: float = _MASK_LOSS["rce"]
+    mae: float = _MASK_LOSS["mae"]
+    gce: float = _MASK_LOSS["gce"]
+    nnce: float = _MASK_LOSS["nnce"]
+    dice: float = _MASK_LOSS["dice"]
+    tloss: float = _MASK_LOSS["tloss"]
+    projection: float = _MASK_LOSS["projection"]
+    pairwise: float = _MASK_LOSS["pairwise"]
+    normalized: bool = _MASK_LOSS["normalized"]
+    p_min: float = _MASK_LOSS["p_min"]
+    hard_threshold: float = _MASK_LOSS["hard_threshold"]
+    q: float = _MASK_LOSS["q"]
+    tloss_log_nu: float = _MASK_LOSS["tloss_log_nu"]
+    pairwise_sigma: float = _MASK_LOSS["pairwise_sigma"]
+    pairwise_threshold: float = _MASK_LOSS["pairwise_threshold"]
 
 
 @dataclass
 class TrainConfig:
     """The training loop: step-based, Adam with linear warm-up (then constant or cosine),
-    evaluation every few steps."""
+    evaluation every few steps. Values: conf/train/ (cpu.yaml explains each)."""
 
-    name: str = "cpu"
-    steps: int = 400
-    batch_size: int = 2
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    warmup_steps: int = 50
-    lr_schedule: LrSchedule = LrSchedule.constant
-    clip_grad_norm: Optional[float] = 5.0
-    log_every: int = 10
-    eval_every: int = 100
-    checkpoint_every: int = 100
-    best_metric: BestMetric = BestMetric.dice
-    amp: Amp = Amp.auto
-    device: str = "auto"
-    resume: bool = False
-    max_nonfinite_steps: int = 10
-    deterministic: bool = False
-    tensorboard: bool = False
-    # Inference during validation and the final test evaluation (docs/metrics.md). The operating
-    # score threshold: None chooses it at each validation (bmlseg.metrics.SCORE_GRID, best mean
-    # Dice) and tests best.pt at the one chosen with it; a number is used everywhere.
-    eval_batch_size: int = 8
-    score_threshold: Optional[float] = None
-    mask_threshold: float = 0.5
-    val_max_cases: Optional[int] = None
-    test_max_cases: Optional[int] = None
-    preview_slices: int = 4
+    name: str = MISSING
+    steps: int = MISSING
+    batch_size: int = MISSING
+    lr: float = MISSING
+    weight_decay: float = MISSING
+    warmup_steps: int = MISSING
+    lr_schedule: LrSchedule = MISSING
+    clip_grad_norm: Optional[float] = MISSING
+    log_every: int = MISSING
+    eval_every: int = MISSING
+    checkpoint_every: int = MISSING
+    best_metric: BestMetric = MISSING
+    amp: Amp = MISSING
+    device: str = MISSING
+    resume: bool = MISSING
+    max_nonfinite_steps: int = MISSING
+    deterministic: bool = MISSING
+    tensorboard: bool = MISSING
+    eval_batch_size: int = MISSING
+    score_threshold: Optional[float] = MISSING
+    mask_threshold: float = MISSING
+    val_max_cases: Optional[int] = MISSING
+    test_max_cases: Optional[int] = MISSING
+    preview_slices: int = MISSING
 
 
 @dataclass
@@ -158,16 +169,15 @@ class TrainApp:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    # Label method used when loss.label_kind is binary; soft losses use labels.method.
-    binary_labels: str = "kimriss_hard"
-    seed: int = 0
+    binary_labels: str = MISSING
+    seed: int = MISSING
 
 
 @dataclass
 class EvalData:
     """Dataset of an evaluation; None means the one the checkpoint was trained on."""
 
-    root: Optional[str] = None
+    root: Optional[str] = MISSING
 
 
 @dataclass
@@ -176,14 +186,13 @@ class EvalApp:
 
     checkpoint: str = MISSING
     data: EvalData = field(default_factory=EvalData)
-    split: str = "test"
-    device: str = "auto"
-    batch_size: int = 8
-    # None: the checkpoint's: the score threshold recorded in it, its train.mask_threshold.
-    score_threshold: Optional[float] = None
-    mask_threshold: Optional[float] = None
-    max_cases: Optional[int] = None
-    preview_slices: int = 4
+    split: str = MISSING
+    device: str = MISSING
+    batch_size: int = MISSING
+    score_threshold: Optional[float] = MISSING
+    mask_threshold: Optional[float] = MISSING
+    max_cases: Optional[int] = MISSING
+    preview_slices: int = MISSING
 
 
 @dataclass
@@ -193,12 +202,11 @@ class PredictApp:
     checkpoint: str = MISSING
     input: str = MISSING
     bones: str = MISSING
-    output_dir: str = "predictions"
-    device: str = "auto"
-    batch_size: int = 8
-    # None: the checkpoint's: the score threshold recorded in it, its train.mask_threshold.
-    score_threshold: Optional[float] = None
-    mask_threshold: Optional[float] = None
+    output_dir: str = MISSING
+    device: str = MISSING
+    batch_size: int = MISSING
+    score_threshold: Optional[float] = MISSING
+    mask_threshold: Optional[float] = MISSING
 
 
 @dataclass
@@ -207,21 +215,21 @@ class LabelsApp:
 
     data: DataConfig = field(default_factory=DataConfig)
     labels: LabelsConfig = field(default_factory=LabelsConfig)
-    evaluate: bool = False
-    overwrite: bool = False
-    out_dir: Optional[str] = None
+    evaluate: bool = MISSING
+    overwrite: bool = MISSING
+    out_dir: Optional[str] = MISSING
 
 
 @dataclass
 class SynthApp:
     """bmlseg-synth: a synthetic knee-MRI dataset folder."""
 
-    root: str = "data/synthetic"
-    n_subjects: int = 10
-    seed: int = 0
-    preset: str = "small"
-    noise: str = "paper"
-    preview: bool = False
+    root: str = MISSING
+    n_subjects: int = MISSING
+    seed: int = MISSING
+    preset: str = MISSING
+    noise: str = MISSING
+    preview: bool = MISSING
 
 
 def register_configs() -> None:

@@ -37,8 +37,9 @@ class MaskLoss(nn.Module):
     - ``projection`` and ``pairwise``: BoxInst's box terms (Tian et al. 2021), for box labels;
       ``pairwise`` needs the image under each RoI (``needs_image``).
 
-    The paper's presets (docs/losses.md) use bce, sce and rce only. ``MaskLoss(normalized=False)``
-    is torchvision's mask loss (plain BCE on binary masks), apart from the clipping at ``p_min``.
+    The paper's presets (docs/losses.md) use bce, sce and rce only. ``MaskLoss()`` is normalized
+    BCE (NCE, the active term of APL); ``MaskLoss(normalized=False)`` is torchvision's mask loss
+    (plain BCE on binary masks), apart from the clipping at ``p_min``.
     """
 
     def __init__(

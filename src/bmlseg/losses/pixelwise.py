@@ -164,10 +164,11 @@ def _clipped_log_probs(logits: Tensor, p_min: float) -> tuple[Tensor, Tensor]:
 
 def _label_logs(target: Tensor, p_min: float) -> tuple[Tensor, Tensor]:
     """``(log y*, log(1 - y*))`` with the label ``y*`` clipped to ``[Pmin, 1 - Pmin]``."""
-    log_max = math.log1p(-p_min)
     # 1 - y and y are clipped separately: 1 - clip(y) would make 1 - (1 - Pmin) == 0 in float32.
-    log_y = target.clamp_min(p_min).log_().clamp_max_(log_max)
-    log_not_y = (1 - target).clamp_min_(p_min).log_().clamp_max_(log_max)
+    # Only the lower clip is applied: the upper one would turn log 1 = 0 into log(1 - Pmin),
+    # -1e-20 for the default Pmin, which no float32 sum it enters can resolve.
+    log_y = target.clamp_min(p_min).log_()
+    log_not_y = (1 - target).clamp_min_(p_min).log_()
     return log_y, log_not_y
 
 
