@@ -22,10 +22,10 @@ from bmlseg.losses import MaskLoss
 from bmlseg.models import (
     IMaskRCNN,
     SoftMaskTransform,
-    bce_mask_loss,
     probability_map,
     soft_maskrcnn_loss,
 )
+from bmlseg.models.roi_heads import TORCHVISION_MASK_LOSS
 
 NUM_CLASSES = 3
 IMAGE_SIZE = 64
@@ -148,7 +148,9 @@ def test_soft_maskrcnn_loss_with_bce_is_torchvisions_maskrcnn_loss():
     gt_labels = [torch.tensor([1, 2]), torch.tensor([2])]
     matched = [torch.tensor([1, 0]), torch.tensor([0, 0, 0])]
 
-    ours = soft_maskrcnn_loss(bce_mask_loss, mask_logits, proposals, gt_masks, gt_labels, matched)
+    ours = soft_maskrcnn_loss(
+        TORCHVISION_MASK_LOSS, mask_logits, proposals, gt_masks, gt_labels, matched
+    )
     theirs = maskrcnn_loss(mask_logits, proposals, gt_masks, gt_labels, matched)
     torch.testing.assert_close(ours, theirs)
 

@@ -72,7 +72,7 @@ LESION_IOU = 0.1
 SLICE_IOU = 0.5
 ECE_BINS = 15
 
-_EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
+EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 _TWENTY_SIX_CONNECTED = np.ones((3, 3, 3), dtype=bool)
 _BML_CATEGORY = 1
 
@@ -120,7 +120,7 @@ def connected_instances(mask2d: np.ndarray) -> np.ndarray:
     mask2d = np.asarray(mask2d, dtype=bool)
     if mask2d.ndim != 2:
         raise ValueError(f"mask2d must be [H, W], got shape {mask2d.shape}")
-    labels, count = ndimage.label(mask2d, structure=_EIGHT_CONNECTED)
+    labels, count = ndimage.label(mask2d, structure=EIGHT_CONNECTED)
     return labels[None, :, :] == np.arange(1, count + 1)[:, None, None]
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
+from bmlseg.metrics import EIGHT_CONNECTED, connected_instances
 
 
 @dataclass
@@ -65,7 +65,7 @@ def label_instances(
         ``boxes [N, 4]`` float32 (x0, y0, x1, y1; exclusive ends) of the cores, and
         ``masks [N, H, W]`` float32: each instance's soft values, 0 elsewhere.
     """
-    cores = components(label >= options.threshold)
+    cores = connected_instances(label >= options.threshold)
     cores = cores[cores.sum(axis=(1, 2)) >= options.min_area_px(pixel_area_mm2)]
     if len(cores) == 0:
         return np.zeros((0, 4), np.float32), np.zeros((0, *label.shape), np.float32)
@@ -89,12 +89,6 @@ def _grow_into_label(cores: np.ndarray, label: np.ndarray) -> np.ndarray:
         mine = inside & (nearest == index + 1)
         masks[index][mine] = label[mine]
     return masks
-
-
-def components(binary: np.ndarray) -> np.ndarray:
-    """8-connected components of ``binary`` ``[H, W]`` as boolean masks ``[N, H, W]``."""
-    labelled, count = ndimage.label(binary, structure=EIGHT_CONNECTED)
-    return labelled[None] == np.arange(1, count + 1)[:, None, None]
 
 
 def masks_to_boxes(masks: np.ndarray) -> np.ndarray:

@@ -38,8 +38,9 @@ from bmlseg.data.format import (
     read_dataset_json,
     softlabel_path,
 )
-from bmlseg.data.instances import InstanceOptions, components, label_instances, masks_to_boxes
+from bmlseg.data.instances import InstanceOptions, label_instances, masks_to_boxes
 from bmlseg.io import read_volume
+from bmlseg.metrics import connected_instances
 
 # IQR of a standard normal distribution: IQR / 1.349 estimates the standard deviation.
 NORMAL_IQR = 1.349
@@ -276,7 +277,7 @@ class SliceDataset(Dataset):
             mirrored=mirrored,
         )
         if truth is not None:
-            truth_masks = components(truth > 0)
+            truth_masks = connected_instances(truth > 0)
             target["truth_masks"] = torch.from_numpy(truth_masks.astype(np.uint8))
             target["truth_boxes"] = torch.from_numpy(masks_to_boxes(truth_masks))
         return torch.from_numpy(np.ascontiguousarray(image)), target

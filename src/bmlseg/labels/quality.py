@@ -45,12 +45,12 @@ from bmlseg.data.format import (
 from bmlseg.data.instances import (
     InstanceOptions,
     box_iou,
-    components,
     label_instances,
     masks_to_boxes,
 )
 from bmlseg.io import atomic_path, read_volume
 from bmlseg.labels.files import generate, recorded_options
+from bmlseg.metrics import connected_instances
 
 SCORES = ("soft_dice", "brier", "recall", "mass_outside_truth")
 INSTANCE_SCORES = ("boxes_matching_lesion", "lesions_matched", "instances_per_slice")
@@ -83,7 +83,7 @@ def instance_counts(
     counts = dict.fromkeys(("instances", "matching", "lesions", "matched", "slices"), 0)
     for label_slice, truth_slice in zip(label, truth, strict=True):
         boxes, _ = label_instances(label_slice, options, pixel_area_mm2)
-        lesion_boxes = masks_to_boxes(components(truth_slice > 0))
+        lesion_boxes = masks_to_boxes(connected_instances(truth_slice > 0))
         overlap = box_iou(boxes, lesion_boxes) >= BOX_MATCH_IOU
         counts["instances"] += len(boxes)
         counts["matching"] += int(overlap.any(axis=1).sum())

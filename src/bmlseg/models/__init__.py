@@ -3,7 +3,7 @@
 from .backbone import BACKBONES, build_backbone, small_lesion_anchor_generator
 from .imaskrcnn import IMaskRCNN, probability_map
 from .mask_head import MaskPredictor, RoIAlignPair, SkipMaskHead
-from .roi_heads import SoftMaskRoIHeads, bce_mask_loss, soft_maskrcnn_loss
+from .roi_heads import SoftMaskRoIHeads, soft_maskrcnn_loss
 from .transform import SoftMaskTransform
 
 __all__ = [
@@ -14,7 +14,6 @@ __all__ = [
     "SkipMaskHead",
     "SoftMaskRoIHeads",
     "SoftMaskTransform",
-    "bce_mask_loss",
     "build_backbone",
     "probability_map",
     "small_lesion_anchor_generator",

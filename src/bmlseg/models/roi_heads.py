@@ -3,7 +3,6 @@
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection.roi_heads import (
     RoIHeads,
@@ -12,12 +11,13 @@ from torchvision.models.detection.roi_heads import (
 )
 from torchvision.ops import roi_align
 
+from bmlseg.losses import MaskLoss
+
 MaskLossFn = Callable[[Tensor, Tensor], Tensor]
 
-
-def bce_mask_loss(logits: Tensor, targets: Tensor) -> Tensor:
-    """torchvision's Mask R-CNN criterion: mean binary cross-entropy on logits [P, M, M]."""
-    return F.binary_cross_entropy_with_logits(logits, targets)
+# torchvision's Mask R-CNN criterion: binary cross entropy against the target as it is, soft or
+# binary (the sce term; bce would cut the target at 0.5 first).
+TORCHVISION_MASK_LOSS = MaskLoss(bce=0.0, sce=1.0, normalized=False)
 
 
 def positive_mask_logits_and_targets(
@@ -95,13 +95,14 @@ class SoftMaskRoIHeads(RoIHeads):
     Args:
         *args, **kwargs: as for ``RoIHeads``.
         mask_loss: called as ``mask_loss(logits [P, M, M], targets [P, M, M]) -> scalar`` on the
-            positive RoIs' logits of their target class; None means torchvision's BCE. A loss
+            positive RoIs' logits of their target class; None means torchvision's BCE
+            (TORCHVISION_MASK_LOSS). A loss
             whose ``needs_image`` is true also gets the image patches [P, C, M, M].
     """
 
     def __init__(self, *args, mask_loss: MaskLossFn | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.mask_loss = mask_loss if mask_loss is not None else bce_mask_loss
+        self.mask_loss = mask_loss if mask_loss is not None else TORCHVISION_MASK_LOSS
 
     @property
     def mask_loss_needs_image(self) -> bool:
