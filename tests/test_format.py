@@ -288,7 +288,10 @@ def test_dataset_json_round_trip(tmp_path):
     info = DatasetInfo(
         name="round trip",
         bones=BONES,
-        cases=[CaseRecord("a_t0", "a", ("r1", "r2"), "val"), CaseRecord("b_t0", "b", (), "test")],
+        cases=[
+            CaseRecord("a_t0", "a", ("r1", "r2"), "val"),
+            CaseRecord("b_t0", "b", ("r3",), "test"),
+        ],
         extra={"noise": {"readers": 3}},
     )
     write_dataset_json(tmp_path, info)

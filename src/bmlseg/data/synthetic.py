@@ -33,9 +33,8 @@ from bmlseg.data.format import (
     bones_path,
     image_path,
     load_case,
+    load_dataset,
     mask_path,
-    read_annotations,
-    read_dataset_json,
     write_annotations,
     write_dataset_json,
 )
@@ -371,8 +370,8 @@ def save_preview(
     from matplotlib.lines import Line2D
     from matplotlib.patches import Rectangle
 
-    info = read_dataset_json(root)
-    case = load_case(root, case_id, info=info, annotations=read_annotations(root))
+    info, annotations = load_dataset(root)
+    case = load_case(root, case_id, info=info, annotations=annotations)
     slices = list(slices) if slices is not None else _preview_slices(case)
     readers = case.record.readers
     colours = {reader: f"C{index % 10}" for index, reader in enumerate(readers)}
