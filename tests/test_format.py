@@ -144,6 +144,7 @@ def test_missing_field(root):
         ("split", "trian", "unknown split 'trian'"),
         ("readers", "r1", "must be a list of names"),
         ("id", "s000/t0", "must be a file name"),
+        ("readers", [], "lists no reader"),
     ],
 )
 def test_bad_case_field(root, field, value, what):
@@ -257,6 +258,25 @@ def test_annotation_header(root):
     path = root / "annotations.csv"
     path.write_text(path.read_text(encoding="utf-8").replace("x0,y0", "y0,x0", 1))
     assert_one_problem(check(root), "annotations.csv line 1", "header must be")
+
+
+def test_annotations_with_a_byte_order_mark_are_read(root):
+    # As spreadsheet programs save "CSV UTF-8".
+    path = root / "annotations.csv"
+    path.write_text("\ufeff" + path.read_text(encoding="utf-8"), encoding="utf-8")
+    assert check(root) == []
+    assert len(read_annotations(root)) == 4
+
+
+def test_an_invisible_character_in_the_header_is_shown(root):
+    path = root / "annotations.csv"
+    path.write_text("\u200b" + path.read_text(encoding="utf-8"), encoding="utf-8")
+    assert_one_problem(check(root), "annotations.csv line 1", "got '\\u200bcase,reader,")
+
+
+def test_blank_image(root):
+    rewrite_volume(image_path(root, "s000_t1"), lambda array, geometry: (array * 0, geometry))
+    assert_one_problem(check(root), "images/s000_t1.nii.gz", "blank: every voxel is 0")
 
 
 def test_missing_annotations(root):

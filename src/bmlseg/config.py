@@ -122,7 +122,10 @@ class TrainConfig:
     best_metric: BestMetric = BestMetric.dice
     amp: Amp = Amp.auto
     device: str = "auto"
+    # A run folder holding an earlier run is refused unless it is resumed (resume) or replaced
+    # (overwrite: its outputs are deleted first).
     resume: bool = False
+    overwrite: bool = False
     max_nonfinite_steps: int = 10
     deterministic: bool = False
     tensorboard: bool = False
@@ -210,6 +213,9 @@ class SynthApp:
     preset: str = "small"
     noise: str = "paper"
     preview: bool = False
+    # A non-empty root is refused unless overwrite: then what a dataset folder holds (its files,
+    # labels and label evaluation) is deleted first.
+    overwrite: bool = False
 
 
 def register_configs() -> None:

@@ -528,10 +528,14 @@ def image_problems(image: np.ndarray, where: str) -> list[Problem]:
 
 
 def bones_problems(
-    bones: np.ndarray, geometry: Geometry, where: str, grid: Grid, bone_names: dict[int, str]
+    bones: np.ndarray,
+    geometry: Geometry,
+    where: str,
+    grid: Grid,
+    bone_names: dict[int, str] | None,
 ) -> list[Problem]:
-    """A bone volume's problems: not finite, labels not in ``bone_names``, no bone voxel, not
-    on the image's grid."""
+    """A bone volume's problems: not finite, labels not in ``bone_names`` (unless None), no
+    bone voxel, not on the image's grid."""
     return _label_problems(bones, where, bone_names) + _grid_problems(
         bones.shape, geometry, where, grid
     )
@@ -581,14 +585,17 @@ def _non_finite_problems(array: np.ndarray, where: str) -> list[Problem]:
     return []
 
 
-def _label_problems(bones: np.ndarray, where: str, bone_names: dict[int, str]) -> list[Problem]:
+def _label_problems(
+    bones: np.ndarray, where: str, bone_names: dict[int, str] | None
+) -> list[Problem]:
     problems = _non_finite_problems(bones, where)
     if problems:
         return problems
     labels = np.unique(bones)
-    undeclared = [value for value in labels.tolist() if value != 0 and value not in bone_names]
-    if undeclared:
-        declared = ", ".join(f"{label} {name}" for label, name in sorted(bone_names.items()))
+    names = bone_names or {}
+    undeclared = [value for value in labels.tolist() if value != 0 and value not in names]
+    if bone_names is not None and undeclared:
+        declared = ", ".join(f"{label} {name}" for label, name in sorted(names.items()))
         problems.append(
             Problem(
                 where,

@@ -99,7 +99,7 @@ def generate(
     for case_id in case_ids:
         info.case(case_id)
     folder = Path(root) / "softlabels" / method
-    with _locked(folder):
+    with _locked(Path(root), folder):
         record = _read_record(folder)
         if record is not None and record["options"] != resolved and not overwrite:
             raise LabelOptionsError(folder / OPTIONS_FILE, record["options"], resolved)
@@ -200,23 +200,23 @@ def _read_record(folder: Path) -> dict[str, Any] | None:
 
 
 @contextmanager
-def _locked(folder: Path) -> Iterator[None]:
-    """Hold ``softlabels/.<method>.lock`` and remove what killed runs left of the method's folder.
+def _locked(root: Path, folder: Path) -> Iterator[None]:
+    """Hold a lock on the dataset folder ``root`` and remove what killed runs left of the label
+    folder ``folder`` (its temporary folders).
 
     Runs of one sweep may make the same labels at once: the lock makes the later ones wait and
     then keep the labels the first one made. Inside it, a temporary folder of the method can
-    only be a killed run's leftover.
+    only be a killed run's leftover. The lock is on the folder itself, so it writes nothing.
     """
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with (folder.parent / f".{folder.name}.lock").open("a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            for leftover in folder.parent.glob(f".*-{folder.name}"):
-                if leftover.is_dir():
-                    shutil.rmtree(leftover)
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    descriptor = os.open(root, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        for leftover in folder.parent.glob(f".*-{folder.name}"):
+            if leftover.is_dir():
+                shutil.rmtree(leftover)
+        yield
+    finally:
+        os.close(descriptor)  # releases the lock
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
