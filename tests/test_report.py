@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import statistics
 from pathlib import Path
 
@@ -216,3 +217,27 @@ def test_main_report(tmp_path, capsys):
     assert (sweep / "report.png").is_file()
     assert main_report([str(tmp_path / "empty")]) == 1
     assert "bmlseg-report: error:" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a read-only folder anyway")
+def test_a_read_only_folder_is_named_not_a_traceback(tmp_path, capsys):
+    sweep = write_sweep(tmp_path)
+    sweep.chmod(0o555)
+    try:
+        assert main_report([str(sweep)]) == 1
+    finally:
+        sweep.chmod(0o755)
+    assert capsys.readouterr().err == (
+        f"bmlseg-report: error: cannot write the report into {sweep}: Permission denied; "
+        "choose another folder with --out\n"
+    )
+
+
+def test_a_folder_that_cannot_be_made_is_named_not_a_traceback(tmp_path, capsys):
+    # What a read-only folder does for any user, root included: the folder cannot be written.
+    sweep = write_sweep(tmp_path)
+    (tmp_path / "file").write_text("", encoding="utf-8")
+    assert main_report([str(sweep), "--out", str(tmp_path / "file" / "report")]) == 1
+    error = capsys.readouterr().err
+    assert error.startswith(f"bmlseg-report: error: cannot write the report into {tmp_path}")
+    assert error.endswith("; choose another folder with --out\n")

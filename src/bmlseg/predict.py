@@ -82,14 +82,6 @@ def predict_file(
     Returns:
         BML volume in mL: ``{"total": ..., "femur": ..., ...}``.
     """
-    target = resolve_device(device)
-    state, model, settings = load_for_inference(
-        checkpoint_path,
-        target,
-        batch_size=batch_size,
-        score_threshold=score_threshold,
-        mask_threshold=mask_threshold,
-    )
     image, geometry = read_volume(input_path)
     bones, bones_geometry = read_volume(bones_path)
     # Any bone label is accepted: bone_names only picks the per-bone volumes reported.
@@ -98,6 +90,14 @@ def predict_file(
     )
     if problems:
         raise DatasetError(Path(), problems)
+    target = resolve_device(device)
+    state, model, settings = load_for_inference(
+        checkpoint_path,
+        target,
+        batch_size=batch_size,
+        score_threshold=score_threshold,
+        mask_threshold=mask_threshold,
+    )
     probability = predict_volume(
         model, image, bones, state["config"]["data"]["crop_size"], settings, device=target
     )
