@@ -25,18 +25,6 @@ from bmlseg.models import IMaskRCNN
 
 # Keys of the loss config that are not MaskLoss arguments.
 _LOSS_META_KEYS = ("name", "label_kind")
-# What bmlseg-train writes into every checkpoint.
-CHECKPOINT_KEYS = (
-    "step",
-    "model",
-    "optimizer",
-    "scaler",
-    "best",
-    "rng",
-    "config",
-    "num_classes",
-    "label_method",
-)
 
 
 def build_model(
@@ -66,6 +54,20 @@ def save(path: Path, state: dict[str, Any]) -> Path:
     with atomic_path(path) as temporary:
         torch.save(state, temporary)
     return path
+
+
+# What bmlseg-train writes into every checkpoint.
+CHECKPOINT_KEYS = (
+    "step",
+    "model",
+    "optimizer",
+    "scaler",
+    "best",
+    "rng",
+    "config",
+    "num_classes",
+    "label_method",
+)
 
 
 def load(path: str | os.PathLike, device: torch.device | str = "cpu") -> dict[str, Any]:
