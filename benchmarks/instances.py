@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 
-from bmlseg.data.format import load_case, read_annotations, read_dataset_json
+from bmlseg.data.format import load_case, load_dataset
 from bmlseg.data.instances import InstanceOptions
 from bmlseg.labels import METHODS, label_case
 from bmlseg.labels.quality import case_figures, summarize
@@ -29,8 +29,7 @@ def main() -> None:
     parser.add_argument("root", help="a dataset folder with masks/")
     parser.add_argument("--split", help="only this split (default: every case)")
     args = parser.parse_args()
-    info = read_dataset_json(args.root)
-    annotations = read_annotations(args.root)
+    info, annotations = load_dataset(args.root)
     cases = [
         load_case(args.root, record.id, info=info, annotations=annotations)
         for record in info.cases

@@ -11,7 +11,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+
+from bmlseg.io import read_volume, write_volume
 
 BIN = Path(sys.executable).parent
 
@@ -99,3 +102,68 @@ def test_eval_of_a_missing_checkpoint_names_the_file(tmp_path):
     )
     assert result.returncode != 0
     assert "nowhere/best.pt" in result.stderr
+
+
+@pytest.mark.parametrize("tool", ["bmlseg-eval", "bmlseg-predict"])
+def test_a_file_that_is_not_a_bmlseg_checkpoint_is_named_as_such(synthetic_root, tmp_path, tool):
+    import torch
+
+    torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "weights.pt")
+    case = json.loads((synthetic_root / "dataset.json").read_text(encoding="utf-8"))["cases"][0]
+    inputs = {
+        "bmlseg-eval": [f"data.root={synthetic_root}", f"hydra.run.dir={tmp_path / 'eval'}"],
+        "bmlseg-predict": [
+            f"input={synthetic_root / 'images' / (case['id'] + '.nii.gz')}",
+            f"bones={synthetic_root / 'bones' / (case['id'] + '.nii.gz')}",
+            f"output_dir={tmp_path / 'out'}",
+        ],
+    }
+    result = run(
+        str(BIN / tool), f"checkpoint={tmp_path / 'weights.pt'}", *inputs[tool], cwd=tmp_path
+    )
+    assert result.returncode == 1
+    assert (
+        f"{tool}: error: {tmp_path / 'weights.pt'}: not a bmlseg checkpoint: expected a dict with "
+        "step, model, " in result.stderr
+    )
+    assert "found a dict of 1 key(s): conv.weight" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_validates_its_counts_before_anything_runs(tmp_path):
+    result = run(
+        str(BIN / "bmlseg-train"),
+        "train=smoke",
+        "train.steps=0",
+        "train.eval_every=0",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 1
+    assert (
+        "bmlseg-train: error: train.steps must be at least 1, got 0; train.eval_every must be at "
+        "least 1, got 0" in result.stderr
+    )
+    assert sorted(path.name for path in (tmp_path / "run").iterdir()) == [".hydra", "train.log"]
+
+
+def test_train_refuses_broken_data_before_training(synthetic_root: Path, tmp_path):
+    root = Path(shutil.copytree(synthetic_root, tmp_path / "data"))
+    case = json.loads((root / "dataset.json").read_text(encoding="utf-8"))["cases"][-1]["id"]
+    bones = root / "bones" / f"{case}.nii.gz"
+    array, geometry = read_volume(bones)
+    write_volume(bones, np.where(array == 3, 9, array).astype(np.uint8), geometry)
+    result = run(
+        str(BIN / "bmlseg-train"),
+        "train=smoke",
+        f"data.root={root}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 1
+    assert f"bmlseg-train: error: {bones}: labels [9] are not declared in dataset.json" in (
+        result.stderr
+    )
+    assert not [path for path in (root / "softlabels").rglob("*") if path.is_file()]
+    assert sorted(path.name for path in (tmp_path / "run").iterdir()) == [".hydra", "train.log"]

@@ -144,6 +144,7 @@ def test_missing_field(root):
         ("split", "trian", "unknown split 'trian'"),
         ("readers", "r1", "must be a list of names"),
         ("id", "s000/t0", "must be a file name"),
+        ("readers", [], "lists no reader"),
     ],
 )
 def test_bad_case_field(root, field, value, what):
@@ -259,6 +260,25 @@ def test_annotation_header(root):
     assert_one_problem(check(root), "annotations.csv line 1", "header must be")
 
 
+def test_annotations_with_a_byte_order_mark_are_read(root):
+    # As spreadsheet programs save "CSV UTF-8".
+    path = root / "annotations.csv"
+    path.write_text("\ufeff" + path.read_text(encoding="utf-8"), encoding="utf-8")
+    assert check(root) == []
+    assert len(read_annotations(root)) == 4
+
+
+def test_an_invisible_character_in_the_header_is_shown(root):
+    path = root / "annotations.csv"
+    path.write_text("\u200b" + path.read_text(encoding="utf-8"), encoding="utf-8")
+    assert_one_problem(check(root), "annotations.csv line 1", "got '\\u200bcase,reader,")
+
+
+def test_blank_image(root):
+    rewrite_volume(image_path(root, "s000_t1"), lambda array, geometry: (array * 0, geometry))
+    assert_one_problem(check(root), "images/s000_t1.nii.gz", "blank: every voxel is 0")
+
+
 def test_missing_annotations(root):
     (root / "annotations.csv").unlink()
     assert_one_problem(check(root), "annotations.csv", "missing")
@@ -288,7 +308,10 @@ def test_dataset_json_round_trip(tmp_path):
     info = DatasetInfo(
         name="round trip",
         bones=BONES,
-        cases=[CaseRecord("a_t0", "a", ("r1", "r2"), "val"), CaseRecord("b_t0", "b", (), "test")],
+        cases=[
+            CaseRecord("a_t0", "a", ("r1", "r2"), "val"),
+            CaseRecord("b_t0", "b", ("r3",), "test"),
+        ],
         extra={"noise": {"readers": 3}},
     )
     write_dataset_json(tmp_path, info)

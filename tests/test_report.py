@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import statistics
 from pathlib import Path
 
@@ -232,3 +233,27 @@ def test_one_report_over_two_sweeps_pairs_them_and_shows_the_other_terms(tmp_pat
     assert "| gce | 0 | 0 | 0 | 0 | gce 1 | no |" in markdown
     assert "| apl_soft | 0 | 1 | 1 | 0 | - | yes |" in markdown
     assert main_report([str(first), str(second), "--out", str(tmp_path / "cli")]) == 0
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a read-only folder anyway")
+def test_a_read_only_folder_is_named_not_a_traceback(tmp_path, capsys):
+    sweep = write_sweep(tmp_path)
+    sweep.chmod(0o555)
+    try:
+        assert main_report([str(sweep)]) == 1
+    finally:
+        sweep.chmod(0o755)
+    assert capsys.readouterr().err == (
+        f"bmlseg-report: error: cannot write the report into {sweep}: Permission denied; "
+        "choose another folder with --out\n"
+    )
+
+
+def test_a_folder_that_cannot_be_made_is_named_not_a_traceback(tmp_path, capsys):
+    # What a read-only folder does for any user, root included: the folder cannot be written.
+    sweep = write_sweep(tmp_path)
+    (tmp_path / "file").write_text("", encoding="utf-8")
+    assert main_report([str(sweep), "--out", str(tmp_path / "file" / "report")]) == 1
+    error = capsys.readouterr().err
+    assert error.startswith(f"bmlseg-report: error: cannot write the report into {tmp_path}")
+    assert error.endswith("; choose another folder with --out\n")

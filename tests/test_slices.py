@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader
 
 from bmlseg.data.format import (
     CaseRecord,
+    DatasetError,
     DatasetInfo,
     bones_path,
     image_path,
@@ -310,7 +311,8 @@ def test_normalization_centres_and_scales_the_bone():
 
 def test_soft_labels_on_disk(root, tmp_path):
     folder = write_folder(tmp_path / "with_labels")
-    write_volume(softlabel_path(folder, "kimriss", "k000_t0"), soft_label(), Geometry.identity())
+    geometry = read_volume(image_path(folder, "k000_t0"))[1]
+    write_volume(softlabel_path(folder, "kimriss", "k000_t0"), soft_label(), geometry)
     from_disk = SliceDataset(
         folder, "train", "kimriss", crop_size=CROP, lesion_free_ratio=0, instances=INSTANCES
     )
@@ -320,6 +322,10 @@ def test_soft_labels_on_disk(root, tmp_path):
         assert torch.equal(from_disk[index][1]["masks"], given[index][1]["masks"])
     with pytest.raises(FileNotFoundError, match=r"softlabels/staple/k000_t0\.nii\.gz"):
         SliceDataset(folder, "train", "staple")
+    # A label off the image's grid is refused, the file and the field named.
+    write_volume(softlabel_path(folder, "svls", "k000_t0"), soft_label(), Geometry.identity())
+    with pytest.raises(DatasetError, match=r"softlabels/svls/k000_t0\.nii\.gz: spacing"):
+        SliceDataset(folder, "train", "svls")
 
 
 def test_label_volume_of_the_wrong_shape_names_the_case(root):

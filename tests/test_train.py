@@ -22,7 +22,7 @@ from bmlseg.config import register_configs
 from bmlseg.engine import checkpoint as checkpoints
 from bmlseg.engine.distributed import setup
 from bmlseg.engine.train import NonFiniteLossError, resume, train
-from bmlseg.io import read_volume
+from bmlseg.io import read_volume, write_volume
 from bmlseg.metrics import METRIC_KEYS, SCORE_GRID
 from bmlseg.report import PRESET_ORDER
 
@@ -158,6 +158,94 @@ def test_predict_cli_writes_volumes_in_the_input_geometry(sweep: Path, dataset: 
     assert "BML volume femur" in result.stdout
 
 
+def test_train_refuses_a_run_folder_holding_an_earlier_run(sweep: Path, dataset: Path, tmp_path):
+    run_dir = run_dirs(sweep)["apl_soft_bce"]
+    kept = {
+        name: (run_dir / name).read_bytes()
+        for name in (".hydra/config.yaml", "summary.json", "metrics.csv")
+    }
+    result = run(
+        str(BIN / "bmlseg-train"),
+        *TINY,
+        f"data.root={dataset}",
+        f"hydra.run.dir={run_dir}",
+        cwd=tmp_path,
+        expect_ok=False,
+    )
+    assert result.returncode == 1
+    assert (
+        f"bmlseg-train: error: {run_dir} holds an earlier run (metrics.csv, summary.json, "
+        "checkpoints/, predictions.png); add train.resume=true to continue it or "
+        "train.overwrite=true to replace it" in result.stderr
+    )
+    # Refused before Hydra writes into the folder: even the earlier run's config is kept.
+    assert {name: (run_dir / name).read_bytes() for name in kept} == kept
+    # A multirun into a sweep folder holding earlier runs is refused the same way.
+    result = run(
+        str(BIN / "bmlseg-train"),
+        "-m",
+        "loss=baseline_bce",
+        *TINY,
+        f"data.root={dataset}",
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+        expect_ok=False,
+    )
+    assert result.returncode == 1 and "holds an earlier run" in result.stderr
+    assert {name: (run_dir / name).read_bytes() for name in kept} == kept
+
+
+def test_eval_refuses_truth_masks_that_are_not_binary(sweep: Path, dataset: Path, tmp_path):
+    broken = Path(shutil.copytree(dataset, tmp_path / "data"))
+    test_case = next(
+        case["id"]
+        for case in json.loads((broken / "dataset.json").read_text(encoding="utf-8"))["cases"]
+        if case["split"] == "test"
+    )
+    mask, geometry = read_volume(broken / "masks" / f"{test_case}.nii.gz")
+    bones, _ = read_volume(broken / "bones" / f"{test_case}.nii.gz")
+    # Bone labels saved as the truth: scored as lesions, they made 36 instances out of 4.
+    write_volume(broken / "masks" / f"{test_case}.nii.gz", np.maximum(mask, bones), geometry)
+    result = run(
+        str(BIN / "bmlseg-eval"),
+        f"checkpoint={run_dirs(sweep)['apl_soft_bce'] / 'checkpoints' / 'best.pt'}",
+        f"data.root={broken}",
+        "max_cases=1",
+        f"hydra.run.dir={tmp_path / 'eval'}",
+        cwd=tmp_path,
+        expect_ok=False,
+    )
+    assert result.returncode == 1
+    assert (
+        f"bmlseg-eval: error: {broken}/masks/{test_case}.nii.gz: values must be 0 or 1, found [2 3]"
+        in result.stderr
+    )
+    assert not (tmp_path / "eval" / "summary.json").exists()
+
+
+def test_predict_refuses_nan_voxels(sweep: Path, dataset: Path, tmp_path):
+    case = json.loads((dataset / "dataset.json").read_text(encoding="utf-8"))["cases"][0]["id"]
+    image, geometry = read_volume(dataset / "images" / f"{case}.nii.gz")
+    image = image.astype(np.float32)
+    image[0, 0, :5] = np.nan
+    write_volume(tmp_path / "scan.nii.gz", image, geometry)
+    result = run(
+        str(BIN / "bmlseg-predict"),
+        f"checkpoint={run_dirs(sweep)['baseline_bce'] / 'checkpoints' / 'last.pt'}",
+        f"input={tmp_path / 'scan.nii.gz'}",
+        f"bones={dataset / 'bones' / f'{case}.nii.gz'}",
+        f"output_dir={tmp_path / 'out'}",
+        cwd=tmp_path,
+        expect_ok=False,
+    )
+    assert result.returncode == 1
+    assert (
+        f"bmlseg-predict: error: {tmp_path / 'scan.nii.gz'}: 5 NaN or infinite voxel(s)"
+        in result.stderr
+    )
+    assert not (tmp_path / "out").exists()
+
+
 def test_report_cli_tabulates_the_sweep(sweep: Path, tmp_path):
     result = run(str(BIN / "bmlseg-report"), str(sweep), "--out", str(tmp_path), cwd=tmp_path)
     for name in TABLE1_LOSSES:
@@ -199,7 +287,11 @@ def test_resume_continues_at_the_saved_step_with_the_saved_optimizer_state(
         for name, value in state.items():
             assert torch.equal(restored[index][name], value), (index, name)
 
+    # A run killed while writing a checkpoint left its temporary file: the next start removes it.
+    leftover = interrupted / "checkpoints" / ".tmp-0badc0de-last.pt"
+    leftover.write_bytes(b"half a checkpoint")
     train(tiny_config(dataset, "train.steps=3", "train.resume=true"), interrupted)
+    assert not leftover.exists()
     resumed = checkpoints.load(interrupted / "checkpoints" / "last.pt")
     reference = checkpoints.load(straight / "checkpoints" / "last.pt")
     assert resumed["step"] == 3
@@ -217,6 +309,15 @@ def test_resume_continues_at_the_saved_step_with_the_saved_optimizer_state(
     train(tiny_config(dataset, "train.steps=3", "train.resume=true"), interrupted)
     assert (interrupted / "summary.json").read_text(encoding="utf-8") == summary
     assert (interrupted / "checkpoints" / "last.pt").stat().st_mtime_ns == last
+    # Neither resumed nor replaced, a finished run is refused and left as it was ...
+    with pytest.raises(FileExistsError, match="add train.resume=true to continue it or "):
+        train(tiny_config(dataset, "train.steps=2"), interrupted)
+    assert (interrupted / "summary.json").read_text(encoding="utf-8") == summary
+    # ... and replaced as a whole with train.overwrite=true.
+    train(tiny_config(dataset, "train.steps=2", "train.overwrite=true"), interrupted)
+    with (interrupted / "metrics.csv").open(encoding="utf-8") as handle:
+        assert [int(row["step"]) for row in csv.DictReader(handle)] == [2]
+    assert checkpoints.load(interrupted / "checkpoints" / "last.pt")["step"] == 2
 
 
 def test_non_finite_losses_skip_steps_then_stop_without_a_bad_checkpoint(

@@ -4,15 +4,24 @@ Hydra apps (configs in ``conf/``, shipped as ``bmlseg.conf``; schemas in bmlseg.
 bmlseg-synth, bmlseg-labels, bmlseg-train, bmlseg-eval, bmlseg-predict. Plain argparse tools:
 bmlseg-check and bmlseg-report. The library is imported inside each command so that a command
 loads only what it uses (torch takes seconds to import).
+
+Bad input (a ValueError or an OSError: a broken file, a refused folder, a wrong setting) ends a
+Hydra app with ``<tool>: error: <message>`` and exit status 1, without a traceback; set
+HYDRA_FULL_ERROR=1 to see it.
 """
 
 from __future__ import annotations
 
+import functools
+import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, NoReturn
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from bmlseg.config import register_configs
@@ -21,6 +30,55 @@ CONFIG_PATH = "pkg://bmlseg.conf"
 VERSION_BASE = "1.3"
 
 register_configs()
+
+
+def _fail(tool: str, error: Exception) -> NoReturn:
+    print(f"{tool}: error: {error}", file=sys.stderr)
+    raise SystemExit(1) from None
+
+
+def _reported(tool: str) -> Callable[[Callable[[DictConfig], Any]], Callable[[DictConfig], Any]]:
+    """Make a Hydra app end with its error's message, not a traceback, on bad input."""
+
+    def decorate(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
+        @functools.wraps(task)
+        def reported(cfg: DictConfig) -> Any:
+            try:
+                return task(cfg)
+            except (ValueError, OSError) as error:
+                if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                    raise
+                _fail(tool, error)
+
+        return reported
+
+    return decorate
+
+
+class RunFolderGuard(Callback):
+    """bmlseg-train's check of its run folder (bmlseg.engine.train.refuse_earlier_run), made
+    before Hydra writes the run's ``.hydra/`` into it, so a refused run changes nothing there.
+
+    Registered in train.yaml under ``hydra.callbacks``; a multirun checks every job folder
+    already in its sweep folder.
+    """
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check([Path(config.hydra.run.dir)], config)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep = Path(config.hydra.sweep.dir)
+        self._check(sorted(sweep.iterdir()) if sweep.is_dir() else [], config)
+
+    @staticmethod
+    def _check(folders: list[Path], config: DictConfig) -> None:
+        from bmlseg.engine.train import refuse_earlier_run
+
+        try:
+            for folder in folders:
+                refuse_earlier_run(folder, config.train)
+        except (ValueError, OSError) as error:
+            _fail("bmlseg-train", error)
 
 
 def check_main() -> int:
@@ -40,6 +98,7 @@ def report_main() -> int:
 
 
 @hydra.main(version_base=VERSION_BASE, config_path=CONFIG_PATH, config_name="synth")
+@_reported("bmlseg-synth")
 def synth_main(cfg: DictConfig) -> None:
     from bmlseg.data.synthetic import generate
 
@@ -50,19 +109,25 @@ def synth_main(cfg: DictConfig) -> None:
         preset=cfg.preset,
         noise=cfg.noise,
         preview=cfg.preview,
+        overwrite=cfg.overwrite,
     )
     print(f"wrote a synthetic dataset of {cfg.n_subjects} subjects to {cfg.root}")
 
 
 @hydra.main(version_base=VERSION_BASE, config_path=CONFIG_PATH, config_name="labels")
+@_reported("bmlseg-labels")
 def labels_main(cfg: DictConfig) -> None:
     from bmlseg import labels
     from bmlseg.data.instances import InstanceOptions
+    from bmlseg.labels.files import LabelOptionsError
     from bmlseg.labels.quality import markdown_table
 
     root, method = cfg.data.root, cfg.labels.method
     options = OmegaConf.to_container(cfg.labels.options, resolve=True)
-    paths = labels.generate(root, method, overwrite=cfg.overwrite, **options)
+    try:
+        paths = labels.generate(root, method, overwrite=cfg.overwrite, **options)
+    except LabelOptionsError as error:
+        raise error.with_remedy("add overwrite=true to this command to remake them") from None
     print(f"{len(paths)} {method} label volumes in {Path(root) / 'softlabels' / method}")
     if cfg.evaluate:
         # Every method, side by side (missing ones are made with their default options).
@@ -74,6 +139,7 @@ def labels_main(cfg: DictConfig) -> None:
 
 
 @hydra.main(version_base=VERSION_BASE, config_path=CONFIG_PATH, config_name="train")
+@_reported("bmlseg-train")
 def train_main(cfg: DictConfig) -> float:
     """Returns the best validation metric, which a Hydra sweeper (e.g. Optuna) maximizes."""
     from bmlseg.engine.train import train
@@ -82,6 +148,7 @@ def train_main(cfg: DictConfig) -> float:
 
 
 @hydra.main(version_base=VERSION_BASE, config_path=CONFIG_PATH, config_name="evaluate")
+@_reported("bmlseg-eval")
 def eval_main(cfg: DictConfig) -> None:
     from bmlseg.engine.evaluate import evaluate_checkpoint
 
@@ -100,6 +167,7 @@ def eval_main(cfg: DictConfig) -> None:
 
 
 @hydra.main(version_base=VERSION_BASE, config_path=CONFIG_PATH, config_name="predict")
+@_reported("bmlseg-predict")
 def predict_main(cfg: DictConfig) -> None:
     from bmlseg.predict import predict_file
 

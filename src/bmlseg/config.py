@@ -149,6 +149,7 @@ class TrainConfig:
     amp: Amp = MISSING
     device: str = MISSING
     resume: bool = MISSING
+    overwrite: bool = MISSING
     max_nonfinite_steps: int = MISSING
     deterministic: bool = MISSING
     tensorboard: bool = MISSING
@@ -230,6 +231,7 @@ class SynthApp:
     preset: str = MISSING
     noise: str = MISSING
     preview: bool = MISSING
+    overwrite: bool = MISSING
 
 
 def register_configs() -> None:

@@ -120,6 +120,22 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         temporary.unlink(missing_ok=True)
 
 
+@contextmanager
+def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary folder beside ``path`` to fill, put in place of ``path`` (and of whatever it
+    held) when the block ends: readers see the old folder or the complete new one. A failed
+    block leaves ``path`` as it was and removes the temporary folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".tmp-{uuid.uuid4().hex[:8]}-{path.name}")
+    staging.mkdir()
+    try:
+        yield staging
+        _replace_folder(staging, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def write_volume(path: str | os.PathLike, array: np.ndarray, geometry: Geometry) -> Path:
     """Write ``array`` ``[S, H, W]`` with ``geometry`` to one file; atomic.
 

@@ -7,6 +7,10 @@ probability >= mask_threshold) and ``out/scan_bml_volume.json`` (BML volume in m
 per bone, and the thresholds used), and prints the volumes. The probability map is made of the
 detections scoring at or above the score threshold, by default the one the checkpoint recorded
 (chosen on validation during training).
+
+The input is checked as bmlseg-check checks a dataset's volumes, before anything is written:
+NaN or infinite voxels and a blank image are refused (normalization would turn every voxel
+into NaN, and the report into 0 mL), as are bones without a bone voxel or off the image's grid.
 """
 
 from __future__ import annotations
@@ -19,7 +23,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from bmlseg.data.format import VOLUME_SUFFIX, write_text_atomic
+from bmlseg.data.format import (
+    VOLUME_SUFFIX,
+    DatasetError,
+    bones_problems,
+    image_problems,
+    write_text_atomic,
+)
 from bmlseg.engine.distributed import resolve_device
 from bmlseg.engine.evaluate import InferenceSettings, infer_volume, load_for_inference
 from bmlseg.io import read_volume, write_volume
@@ -72,6 +82,14 @@ def predict_file(
     Returns:
         BML volume in mL: ``{"total": ..., "femur": ..., ...}``.
     """
+    image, geometry = read_volume(input_path)
+    bones, bones_geometry = read_volume(bones_path)
+    # Any bone label is accepted: bone_names only picks the per-bone volumes reported.
+    problems = image_problems(image, str(input_path)) + bones_problems(
+        bones, bones_geometry, str(bones_path), (image.shape, geometry), None
+    )
+    if problems:
+        raise DatasetError(Path(), problems)
     target = resolve_device(device)
     state, model, settings = load_for_inference(
         checkpoint_path,
@@ -80,14 +98,6 @@ def predict_file(
         score_threshold=score_threshold,
         mask_threshold=mask_threshold,
     )
-    image, geometry = read_volume(input_path)
-    bones, bones_geometry = read_volume(bones_path)
-    if image.shape != bones.shape or geometry.mismatch(bones_geometry):
-        raise ValueError(
-            f"{bones_path}: bones must share the grid of {input_path} "
-            f"(shape {bones.shape} vs {image.shape}, differing: "
-            f"{geometry.mismatch(bones_geometry) or 'none'})"
-        )
     probability = predict_volume(
         model, image, bones, state["config"]["data"]["crop_size"], settings, device=target
     )

@@ -472,6 +472,14 @@ def main_report(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as error:
         print(f"bmlseg-report: error: {error}", file=sys.stderr)
         return 1
+    except OSError as error:  # e.g. a read-only folder: the report cannot be written there
+        out = arguments.out or arguments.directories[0]
+        print(
+            f"bmlseg-report: error: cannot write the report into {out}: {error.strerror}; "
+            "choose another folder with --out",
+            file=sys.stderr,
+        )
+        return 1
     print(paths["md"].read_text(encoding="utf-8"), end="")
     print(f"\nwrote {', '.join(str(path) for path in paths.values())}")
     return 0

@@ -90,6 +90,8 @@ class Annotation:
     y0: int
     x1: int
     y1: int
+    # Where the row came from, for messages; not part of the row's value.
+    line: int | None = field(default=None, compare=False)
 
 
 @dataclass
@@ -113,6 +115,15 @@ class Problem:
 
     def __str__(self) -> str:
         return f"{self.where}: {self.what}"
+
+
+class DatasetError(ValueError):
+    """Data that breaks the format, found where a tool loads it: one ``path: what`` line per
+    problem, as bmlseg-check words it, each ``where`` placed under ``root``."""
+
+    def __init__(self, root: str | os.PathLike, problems: Sequence[Problem]) -> None:
+        self.problems = list(problems)
+        super().__init__("\n".join(f"{Path(root) / p.where}: {p.what}" for p in self.problems))
 
 
 def image_path(root: str | os.PathLike, case_id: str) -> Path:
@@ -168,7 +179,7 @@ def read_annotations(root: str | os.PathLike) -> list[Annotation]:
     rows = []
     for line, values in lines:
         try:
-            rows.append(_parse_annotation(values))
+            rows.append(_parse_annotation(values, line))
         except ValueError as error:
             raise ValueError(f"{path}: line {line}: {error}") from None
     return rows
@@ -180,6 +191,29 @@ def write_annotations(root: str | os.PathLike, rows: list[Annotation]) -> Path:
     return write_text_atomic(Path(root) / "annotations.csv", "\n".join(lines) + "\n")
 
 
+def load_dataset(root: str | os.PathLike) -> tuple[DatasetInfo, list[Annotation]]:
+    """dataset.json and annotations.csv, each row checked against the cases and bones as
+    bmlseg-check does (its slice and rectangle are checked with its case, in :func:`load_case`).
+
+    Raises:
+        FileNotFoundError: either file is missing.
+        ValueError: either file is malformed; DatasetError when rows name an unlisted case, a
+            reader not among the case's readers, an undeclared bone or an empty rectangle.
+    """
+    info = read_dataset_json(root)
+    annotations = read_annotations(root)
+    cases = {record.id: record for record in info.cases}
+    bone_names = set(info.bones.values())
+    problems = [
+        Problem(_annotation_where(row), what)
+        for row in annotations
+        for what in _annotation_errors(row, cases, bone_names, {})
+    ]
+    if problems:
+        raise DatasetError(root, problems)
+    return info, annotations
+
+
 def load_case(
     root: str | os.PathLike,
     case_id: str,
@@ -187,24 +221,38 @@ def load_case(
     info: DatasetInfo | None = None,
     annotations: list[Annotation] | None = None,
 ) -> Case:
-    """Decode one case's image, bones, optional mask and its annotation rows.
+    """Decode one case's image, bones, optional mask and its annotation rows, checked as
+    bmlseg-check checks them (readable, finite, same grid, declared bones, binary mask, rows
+    inside the volume).
 
-    Pass ``info`` and ``annotations`` when loading many cases so they are parsed once.
+    Pass ``info`` and ``annotations`` (from :func:`load_dataset`) when loading many cases so
+    they are parsed once.
+
+    Raises:
+        KeyError: ``case_id`` is not listed in dataset.json.
+        DatasetError: any problem of the case's files or rows, each one named.
     """
-    info = info or read_dataset_json(root)
-    annotations = annotations if annotations is not None else read_annotations(root)
-    image, geometry = read_volume(image_path(root, case_id))
-    bones, _ = read_volume(bones_path(root, case_id))
-    mask = None
-    if mask_path(root, case_id).exists():
-        mask = read_volume(mask_path(root, case_id))[0].astype(np.uint8)
+    if info is None or annotations is None:
+        info, annotations = load_dataset(root)
+    record = info.case(case_id)
+    volumes, problems = _read_case_volumes(Path(root), record, info.bones)
+    rows = [row for row in annotations if row.case == case_id]
+    if volumes.image is not None:
+        shapes = {case_id: volumes.image.shape}
+        problems += [
+            Problem(_annotation_where(row), what)
+            for row in rows
+            for what in _annotation_errors(row, {case_id: record}, set(info.bones.values()), shapes)
+        ]
+    if problems:
+        raise DatasetError(root, problems)
     return Case(
-        record=info.case(case_id),
-        image=image.astype(np.float32),
-        bones=bones.astype(np.uint8),
-        geometry=geometry,
-        annotations=[row for row in annotations if row.case == case_id],
-        mask=mask,
+        record=record,
+        image=volumes.image.astype(np.float32),
+        bones=volumes.bones.astype(np.uint8),
+        geometry=volumes.geometry,
+        annotations=rows,
+        mask=volumes.mask.astype(np.uint8) if volumes.mask is not None else None,
     )
 
 
@@ -308,8 +356,8 @@ def _parse_cases(raw: Any, where: str) -> tuple[list[CaseRecord], list[Problem]]
 
 
 def _parse_case(raw: Any, where: str) -> tuple[CaseRecord | None, list[Problem]]:
-    """A case entry; with an unknown split the record still comes back, so that its files and
-    annotation rows get checked, next to the split's Problem."""
+    """A case entry; with an unknown split or no readers the record still comes back, so that
+    its files and annotation rows get checked, next to that Problem."""
     if not isinstance(raw, dict):
         return None, [Problem(where, "must be an object with id, subject, readers, split")]
     problems = [Problem(where, f"missing field '{key}'") for key in CASE_FIELDS if key not in raw]
@@ -335,6 +383,14 @@ def _parse_case(raw: Any, where: str) -> tuple[CaseRecord | None, list[Problem]]
     if problems:
         return None, problems
     record = CaseRecord(raw["id"], raw["subject"], tuple(readers), raw["split"])
+    if not record.readers:
+        problems.append(
+            Problem(
+                f"{where}.readers",
+                "lists no reader; list everyone who rated the case, also those who drew nothing "
+                "(the labels divide by their number)",
+            )
+        )
     if record.split not in SPLITS:
         problems.append(
             Problem(
@@ -346,7 +402,8 @@ def _parse_case(raw: Any, where: str) -> tuple[CaseRecord | None, list[Problem]]
 
 def _csv_lines(path: Path) -> tuple[tuple[str, ...], list[tuple[int, list[str]]]]:
     """The header of a CSV file and each non-blank row with its line number (from 1)."""
-    with path.open(newline="", encoding="utf-8") as handle:
+    # utf-8-sig: spreadsheet programs start a UTF-8 CSV with a byte-order mark.
+    with path.open(newline="", encoding="utf-8-sig") as handle:
         reader = csv.reader(handle)
         header = tuple(value.strip() for value in next(reader, []))
         lines = [(reader.line_num, values) for values in reader if any(v.strip() for v in values)]
@@ -354,11 +411,15 @@ def _csv_lines(path: Path) -> tuple[tuple[str, ...], list[tuple[int, list[str]]]
 
 
 def _header_error(header: tuple[str, ...]) -> str:
-    return f"header must be {','.join(ANNOTATION_COLUMNS)}, got {','.join(header)}"
+    got = ",".join(header)
+    # Invisible characters (a zero-width space, a second byte-order mark) shown escaped, so the
+    # two headers of the message never look the same.
+    shown = got if got.isascii() and got.isprintable() else ascii(got)
+    return f"header must be {','.join(ANNOTATION_COLUMNS)}, got {shown}"
 
 
-def _parse_annotation(values: list[str]) -> Annotation:
-    """One annotations.csv row; ValueError names the field that is wrong."""
+def _parse_annotation(values: list[str], line: int) -> Annotation:
+    """One annotations.csv row, from line ``line``; ValueError names the field that is wrong."""
     if len(values) != len(ANNOTATION_COLUMNS):
         raise ValueError(
             f"expected {len(ANNOTATION_COLUMNS)} values ({','.join(ANNOTATION_COLUMNS)}), "
@@ -376,7 +437,9 @@ def _parse_annotation(values: list[str]) -> Annotation:
             raise ValueError(
                 f"field '{column}' must be an integer, got {fields[column]!r}"
             ) from None
-    return Annotation(case=fields["case"], reader=fields["reader"], bone=fields["bone"], **numbers)
+    return Annotation(
+        case=fields["case"], reader=fields["reader"], bone=fields["bone"], **numbers, line=line
+    )
 
 
 # Validation: bmlseg-check.
@@ -402,48 +465,101 @@ def check(root: str | os.PathLike, *, progress: bool = False) -> list[Problem]:
     if not isinstance(raw, dict) or any(key not in raw for key in REQUIRED_FIELDS):
         # Files and rows are checked against the cases and bones: without them, every one fails.
         return problems
-    shapes: dict[str, tuple[int, ...]] = {}
-    geometries: dict[str, Geometry] = {}
+    grids: dict[str, Grid] = {}
     for record in tqdm(info.cases, desc="checking volumes", unit="case", disable=not progress):
-        shape_geometry, volume_problems = _check_case_volumes(root, record, info.bones)
+        volumes, volume_problems = _read_case_volumes(root, record, info.bones)
         problems += volume_problems
-        if shape_geometry is not None:
-            shapes[record.id], geometries[record.id] = shape_geometry
+        if volumes.image is not None:
+            grids[record.id] = (volumes.image.shape, volumes.geometry)
     known = {record.id for record in info.cases}
     problems += _check_unlisted_files(root, known)
-    problems += _check_softlabels(root, known, shapes, geometries)
-    problems += _check_annotations(root, info, shapes)
+    problems += _check_softlabels(root, known, grids)
+    problems += _check_annotations(root, info, {case: grid[0] for case, grid in grids.items()})
     return problems
 
 
-def _check_case_volumes(
+@dataclass
+class _CaseVolumes:
+    """A case's volumes as read for checking; None where missing or unreadable."""
+
+    image: np.ndarray | None = None
+    geometry: Geometry | None = None
+    bones: np.ndarray | None = None
+    mask: np.ndarray | None = None
+
+
+def _read_case_volumes(
     root: Path, record: CaseRecord, bone_names: dict[int, str]
-) -> tuple[tuple[tuple[int, ...], Geometry] | None, list[Problem]]:
-    """Problems of one case's image, bones and mask; its image's shape and geometry if readable."""
-    image_where = _relative(image_path(root, record.id), root)
-    image, geometry, problems = _read_for_check(image_path(root, record.id), root)
-    if image is not None:
-        problems += _non_finite_problems(image, image_where)
-    bones, bones_geometry, bones_problems = _read_for_check(bones_path(root, record.id), root)
-    problems += bones_problems
-    bones_where = _relative(bones_path(root, record.id), root)
+) -> tuple[_CaseVolumes, list[Problem]]:
+    """One case's image, bones and mask (if any), and every problem found in them."""
+    volumes = _CaseVolumes()
+    volumes.image, volumes.geometry, problems = _read_for_check(image_path(root, record.id), root)
+    grid = None
+    if volumes.image is not None:
+        problems += image_problems(volumes.image, _relative(image_path(root, record.id), root))
+        grid = (volumes.image.shape, volumes.geometry)
+    bones, bones_geometry, read_problems = _read_for_check(bones_path(root, record.id), root)
+    problems += read_problems
     if bones is not None:
-        problems += _label_problems(bones, bones_where, bone_names)
-        if image is not None:
-            problems += _geometry_problems(bones, bones_geometry, bones_where, image, geometry)
+        where = _relative(bones_path(root, record.id), root)
+        problems += bones_problems(bones, bones_geometry, where, grid, bone_names)
+        volumes.bones = bones
     if mask_path(root, record.id).exists():
-        mask, mask_geometry, mask_problems = _read_for_check(mask_path(root, record.id), root)
-        problems += mask_problems
-        mask_where = _relative(mask_path(root, record.id), root)
+        mask, mask_geometry, read_problems = _read_for_check(mask_path(root, record.id), root)
+        problems += read_problems
         if mask is not None:
-            extra = np.setdiff1d(np.unique(mask), [0, 1])
-            if extra.size:
-                problems.append(Problem(mask_where, f"values must be 0 or 1, found {extra[:5]}"))
-            if image is not None:
-                problems += _geometry_problems(mask, mask_geometry, mask_where, image, geometry)
-    if image is None:
-        return None, problems
-    return (image.shape, geometry), problems
+            where = _relative(mask_path(root, record.id), root)
+            problems += mask_problems(mask, mask_geometry, where, grid)
+            volumes.mask = mask
+    return volumes, problems
+
+
+# The grid a volume must share: its image's shape and geometry (None where the image is
+# unreadable, and nothing can be compared).
+Grid = tuple[tuple[int, ...], Geometry] | None
+
+
+def image_problems(image: np.ndarray, where: str) -> list[Problem]:
+    """An image's problems: NaN or infinite voxels, or a blank image (one value everywhere)."""
+    problems = _non_finite_problems(image, where)
+    if not problems and image.size and image.min() == image.max():
+        problems.append(Problem(where, f"blank: every voxel is {image.flat[0]}"))
+    return problems
+
+
+def bones_problems(
+    bones: np.ndarray,
+    geometry: Geometry,
+    where: str,
+    grid: Grid,
+    bone_names: dict[int, str] | None,
+) -> list[Problem]:
+    """A bone volume's problems: not finite, labels not in ``bone_names`` (unless None), no
+    bone voxel, not on the image's grid."""
+    return _label_problems(bones, where, bone_names) + _grid_problems(
+        bones.shape, geometry, where, grid
+    )
+
+
+def mask_problems(mask: np.ndarray, geometry: Geometry, where: str, grid: Grid) -> list[Problem]:
+    """A ground-truth mask's problems: values other than 0 and 1, not on the image's grid."""
+    problems = _non_finite_problems(mask, where)
+    extra = np.setdiff1d(np.unique(mask[np.isfinite(mask)]), [0, 1])
+    if extra.size:
+        problems.append(Problem(where, f"values must be 0 or 1, found {extra[:5]}"))
+    return problems + _grid_problems(mask.shape, geometry, where, grid)
+
+
+def softlabel_problems(
+    label: np.ndarray, geometry: Geometry, where: str, grid: Grid
+) -> list[Problem]:
+    """A soft label's problems: values outside [0, 1] (NaN included), not on the image's grid."""
+    problems = []
+    if np.isnan(label).any() or label.min() < 0 or label.max() > 1:
+        problems.append(
+            Problem(where, f"values must lie in [0, 1], found {label.min()}..{label.max()}")
+        )
+    return problems + _grid_problems(label.shape, geometry, where, grid)
 
 
 def _read_for_check(
@@ -469,14 +585,17 @@ def _non_finite_problems(array: np.ndarray, where: str) -> list[Problem]:
     return []
 
 
-def _label_problems(bones: np.ndarray, where: str, bone_names: dict[int, str]) -> list[Problem]:
+def _label_problems(
+    bones: np.ndarray, where: str, bone_names: dict[int, str] | None
+) -> list[Problem]:
     problems = _non_finite_problems(bones, where)
     if problems:
         return problems
     labels = np.unique(bones)
-    undeclared = [value for value in labels.tolist() if value != 0 and value not in bone_names]
-    if undeclared:
-        declared = ", ".join(f"{label} {name}" for label, name in sorted(bone_names.items()))
+    names = bone_names or {}
+    undeclared = [value for value in labels.tolist() if value != 0 and value not in names]
+    if bone_names is not None and undeclared:
+        declared = ", ".join(f"{label} {name}" for label, name in sorted(names.items()))
         problems.append(
             Problem(
                 where,
@@ -488,12 +607,15 @@ def _label_problems(bones: np.ndarray, where: str, bone_names: dict[int, str]) -
     return problems
 
 
-def _geometry_problems(
-    array: np.ndarray, geometry: Geometry, where: str, image: np.ndarray, image_geometry: Geometry
+def _grid_problems(
+    shape: tuple[int, ...], geometry: Geometry, where: str, grid: Grid
 ) -> list[Problem]:
     """Shape and geometry differences from the case's image, each field named."""
-    if array.shape != image.shape:
-        return [Problem(where, f"shape {array.shape} differs from the image's {image.shape}")]
+    if grid is None:
+        return []
+    image_shape, image_geometry = grid
+    if shape != image_shape:
+        return [Problem(where, f"shape {shape} differs from the image's {image_shape}")]
     return [
         Problem(
             where,
@@ -524,12 +646,7 @@ def _check_unlisted_files(root: Path, known: set[str]) -> list[Problem]:
     return problems
 
 
-def _check_softlabels(
-    root: Path,
-    known: set[str],
-    shapes: dict[str, tuple[int, ...]],
-    geometries: dict[str, Geometry],
-) -> list[Problem]:
+def _check_softlabels(root: Path, known: set[str], grids: dict[str, Grid]) -> list[Problem]:
     """Soft labels, where present: a listed case, the image's geometry, values in [0, 1]."""
     problems = []
     for path in sorted((root / "softlabels").glob(f"*/*{VOLUME_SUFFIX}")):
@@ -540,15 +657,8 @@ def _check_softlabels(
             continue
         label, geometry, read_problems = _read_for_check(path, root)
         problems += read_problems
-        if label is None:
-            continue
-        if np.isnan(label).any() or label.min() < 0 or label.max() > 1:
-            problems.append(
-                Problem(where, f"values must lie in [0, 1], found {label.min()}..{label.max()}")
-            )
-        if case_id in shapes:
-            image = np.empty(shapes[case_id], dtype=np.uint8)
-            problems += _geometry_problems(label, geometry, where, image, geometries[case_id])
+        if label is not None:
+            problems += softlabel_problems(label, geometry, where, grids.get(case_id))
     return problems
 
 
@@ -570,7 +680,7 @@ def _check_annotations(
     for line, values in lines:
         where = f"annotations.csv line {line}"
         try:
-            row = _parse_annotation(values)
+            row = _parse_annotation(values, line)
         except ValueError as error:
             problems.append(Problem(where, str(error)))
             continue
@@ -614,6 +724,10 @@ def _annotation_errors(
                 f"(width {width}, height {height})"
             )
     return errors
+
+
+def _annotation_where(row: Annotation) -> str:
+    return f"annotations.csv line {row.line}" if row.line is not None else "annotations.csv"
 
 
 def _relative(path: Path, root: Path) -> str:

@@ -32,11 +32,13 @@ from tqdm import tqdm
 
 from bmlseg.data.format import (
     Annotation,
+    Case,
+    DatasetError,
     DatasetInfo,
     load_case,
-    read_annotations,
-    read_dataset_json,
+    load_dataset,
     softlabel_path,
+    softlabel_problems,
 )
 from bmlseg.data.instances import InstanceOptions, label_instances, masks_to_boxes
 from bmlseg.io import read_volume
@@ -221,7 +223,8 @@ class SliceDataset(Dataset):
         if label_method is not None and label_volumes is not None:
             raise ValueError("give label_method or label_volumes, not both")
         self.root = Path(root)
-        self.info: DatasetInfo = read_dataset_json(root)
+        self.info: DatasetInfo
+        self.info, annotations = load_dataset(root)
         records = self.info.split(split)
         if not records:
             raise ValueError(f"{self.root / 'dataset.json'}: no cases in split {split!r}")
@@ -232,7 +235,6 @@ class SliceDataset(Dataset):
         self.seed = seed
         self.epoch = 0
         self.has_labels = label_method is not None or label_volumes is not None
-        annotations = read_annotations(root)
         self.cases = [
             self._load(record.id, label_method, label_volumes, annotations)
             for record in tqdm(records, desc=f"loading {split}", unit="case", disable=None)
@@ -292,7 +294,7 @@ class SliceDataset(Dataset):
         case = load_case(self.root, case_id, info=self.info, annotations=annotations)
         label = None
         if label_method is not None:
-            label = _read_softlabel(softlabel_path(self.root, label_method, case_id), label_method)
+            label = _read_softlabel(self.root, label_method, case)
         elif label_volumes is not None:
             if case_id not in label_volumes:
                 raise KeyError(f"label_volumes has no volume for case {case_id!r}")
@@ -365,12 +367,14 @@ def _majority_bone(bones_under: np.ndarray) -> int:
     return int(counts.argmax()) if counts.any() else 0
 
 
-def _read_softlabel(path: Path, method: str) -> np.ndarray:
+def _read_softlabel(root: Path, method: str, case: Case) -> np.ndarray:
+    """The case's label of ``method``, checked as bmlseg-check checks it."""
+    path = softlabel_path(root, method, case.record.id)
     if not path.exists():
         raise FileNotFoundError(f"{path}: missing; write it with bmlseg-labels (labels={method})")
-    label = read_volume(path)[0].astype(np.float32)
-    if not (label.min() >= 0 and label.max() <= 1):
-        raise ValueError(
-            f"{path}: soft label values must lie in [0, 1], found {label.min()}..{label.max()}"
-        )
-    return label
+    label, geometry = read_volume(path)
+    grid = (case.image.shape, case.geometry)
+    problems = softlabel_problems(label, geometry, path.relative_to(root).as_posix(), grid)
+    if problems:
+        raise DatasetError(root, problems)
+    return label.astype(np.float32)

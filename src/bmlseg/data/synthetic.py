@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -33,15 +34,26 @@ from bmlseg.data.format import (
     bones_path,
     image_path,
     load_case,
+    load_dataset,
     mask_path,
-    read_annotations,
-    read_dataset_json,
     write_annotations,
     write_dataset_json,
 )
 from bmlseg.io import Geometry, atomic_path, write_volume
 
 BONES = {1: "femur", 2: "tibia", 3: "patella"}
+# What a dataset folder holds: the files bmlseg-synth writes and what the tools derive from them
+# there (labels and their evaluation). overwrite=true deletes these, and only these.
+DATASET_ENTRIES = (
+    "dataset.json",
+    "annotations.csv",
+    "images",
+    "bones",
+    "masks",
+    "softlabels",
+    "label_quality",
+    "preview.png",
+)
 FEMUR, TIBIA, PATELLA = 1, 2, 3
 MAX_READERS = 7
 TIME_POINTS = 2
@@ -165,6 +177,7 @@ def generate(
     preset: str | Preset = "small",
     noise: str | ReaderNoise = "paper",
     preview: bool = False,
+    overwrite: bool = False,
 ) -> DatasetInfo:
     """Write a synthetic dataset folder (docs/design.md) for ``n_subjects`` subjects, two scans each.
 
@@ -172,13 +185,19 @@ def generate(
     depend on ``n_subjects``. The realized reader-noise statistics (see :func:`noise_statistics`)
     go to dataset.json under ``"noise"`` with the noise parameters; the generator settings go
     under ``"generator"``. ``preview`` also writes ``<root>/preview.png`` (:func:`save_preview`)
-    of the first scan holding a lesion.
+    of the first scan holding a lesion. dataset.json is written last: a folder without it is an
+    unfinished one, which every tool refuses.
+
+    Raises:
+        FileExistsError: ``root`` is a file, or a folder that is not empty and ``overwrite`` is
+            False; with ``overwrite`` the dataset folder there (DATASET_ENTRIES) is deleted first.
     """
     if n_subjects < 1:
         raise ValueError(f"n_subjects must be >= 1, got {n_subjects}")
     phantom = _resolve(preset, PRESETS, "preset")
     reader_noise = _resolve(noise, NOISE_PRESETS, "noise")
     root = Path(root)
+    _clear_root(root, overwrite=overwrite)
     geometry = Geometry.identity((phantom.spacing[0], phantom.spacing[1], phantom.spacing[2]))
     traits = _reader_traits(seed, reader_noise)
     splits = split_subjects(n_subjects, seed)
@@ -244,6 +263,27 @@ def generate(
         shown = (with_lesion or records)[0]
         save_preview(root, shown.id, root / "preview.png")
     return info
+
+
+def _clear_root(root: Path, *, overwrite: bool) -> None:
+    """Make ``root`` ready for a new dataset folder: absent or empty, or cleared of a dataset
+    folder's entries with ``overwrite`` (anything else there is left as it is)."""
+    if root.exists() and not root.is_dir():
+        raise FileExistsError(f"{root}: a file, not a folder; choose another root")
+    held = sorted(path.name for path in root.iterdir()) if root.is_dir() else []
+    if held and not overwrite:
+        shown = ", ".join(held[:6]) + (", ..." if len(held) > 6 else "")
+        raise FileExistsError(
+            f"{root}: not empty (holds {shown}); bmlseg-synth writes a new dataset folder: "
+            "choose another root, or add overwrite=true to replace the dataset there (its "
+            "labels included)"
+        )
+    for name in DATASET_ENTRIES:
+        path = root / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def split_subjects(n_subjects: int, seed: int) -> list[str]:
@@ -371,8 +411,8 @@ def save_preview(
     from matplotlib.lines import Line2D
     from matplotlib.patches import Rectangle
 
-    info = read_dataset_json(root)
-    case = load_case(root, case_id, info=info, annotations=read_annotations(root))
+    info, annotations = load_dataset(root)
+    case = load_case(root, case_id, info=info, annotations=annotations)
     slices = list(slices) if slices is not None else _preview_slices(case)
     readers = case.record.readers
     colours = {reader: f"C{index % 10}" for index, reader in enumerate(readers)}

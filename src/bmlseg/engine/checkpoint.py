@@ -56,14 +56,50 @@ def save(path: Path, state: dict[str, Any]) -> Path:
     return path
 
 
+# What bmlseg-train writes into every checkpoint.
+CHECKPOINT_KEYS = (
+    "step",
+    "model",
+    "optimizer",
+    "scaler",
+    "best",
+    "rng",
+    "config",
+    "num_classes",
+    "label_method",
+)
+
+
 def load(path: str | os.PathLike, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """A checkpoint written by bmlseg-train (CHECKPOINT_KEYS).
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: torch cannot read it, or it is not a bmlseg checkpoint (e.g. a bare model
+            state_dict), saying what it holds.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint")
     try:
-        return torch.load(path, map_location=device, weights_only=True)
+        state = torch.load(path, map_location=device, weights_only=True)
     except Exception as error:
         raise ValueError(f"{path}: not a readable bmlseg checkpoint ({error})") from error
+    missing = [key for key in CHECKPOINT_KEYS if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise ValueError(
+            f"{path}: not a bmlseg checkpoint: expected a dict with {', '.join(CHECKPOINT_KEYS)} "
+            f"(checkpoints/last.pt or best.pt of a bmlseg-train run), found {_described(state)}"
+        )
+    return state
+
+
+def _described(value: Any) -> str:
+    if not isinstance(value, dict):
+        return f"a {type(value).__name__}"
+    keys = list(value)
+    shown = ", ".join(map(str, keys[:6])) + (", ..." if len(keys) > 6 else "")
+    return f"a dict of {len(keys)} key(s): {shown}" if keys else "an empty dict"
 
 
 def model_from_checkpoint(

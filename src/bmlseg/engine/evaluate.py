@@ -26,8 +26,8 @@ from tqdm import tqdm
 from bmlseg.data.format import (
     DatasetInfo,
     load_case,
+    load_dataset,
     mask_path,
-    read_annotations,
     read_dataset_json,
     write_text_atomic,
 )
@@ -203,8 +203,7 @@ def evaluate_cases(
     Raises:
         FileNotFoundError: a case has no ``masks/<id>.nii.gz`` ground truth.
     """
-    info = read_dataset_json(root)
-    annotations = read_annotations(root)
+    info, annotations = load_dataset(root)
     thresholds = SCORE_GRID if settings.score_threshold is None else (settings.score_threshold,)
     # Detections between min_score and the lowest candidate threshold count for AP only.
     floor = min(settings.min_score, thresholds[0])

@@ -14,6 +14,10 @@ Outputs in ``run_dir`` (rank 0 only)::
     summary.json             test metrics of best.pt at that threshold, loss weights, ...
     predictions.png          a few test slices: image, truth, predicted probability
     tensorboard/             with train.tensorboard=true
+
+A folder holding these outputs of an earlier run is refused, unless ``train.resume`` continues
+that run or ``train.overwrite`` deletes them first. Each start removes the temporary files a
+killed run left (``.tmp-*``, e.g. a checkpoint being written).
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ import json
 import logging
 import math
 import random
+import shlex
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -50,10 +56,27 @@ from bmlseg.engine.evaluate import (
     split_cases,
     write_run_outputs,
 )
+from bmlseg.labels.files import LabelOptionsError
 
 log = logging.getLogger(__name__)
 
 MODEL_TARGET_KEYS = ("boxes", "labels", "masks")
+# What a run writes into its folder (Hydra's .hydra/ and log aside).
+RUN_OUTPUTS = ("metrics.csv", "summary.json", "checkpoints", "predictions.png", "tensorboard")
+# Smallest value of each count of the train config.
+TRAIN_MINIMA = {
+    "steps": 1,
+    "batch_size": 1,
+    "warmup_steps": 0,
+    "log_every": 1,
+    "eval_every": 1,
+    "checkpoint_every": 1,
+    "max_nonfinite_steps": 1,
+    "eval_batch_size": 1,
+    "val_max_cases": 1,
+    "test_max_cases": 1,
+    "preview_slices": 0,
+}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -65,7 +88,14 @@ def train(cfg: DictConfig, run_dir: str | Path) -> float:
 
     Returns:
         The best validation value of ``train.best_metric`` (what a Hydra sweeper optimizes).
+
+    Raises:
+        ValueError: a setting out of its range.
+        FileExistsError: ``run_dir`` holds an earlier run, and neither ``train.resume`` nor
+            ``train.overwrite`` is set.
     """
+    check_settings(cfg.train)
+    refuse_earlier_run(Path(run_dir), cfg.train)
     summary_path = Path(run_dir) / "summary.json"
     if cfg.train.resume and summary_path.exists():
         # A sweep rerun with train.resume=true goes on where it stopped: runs that finished
@@ -81,11 +111,88 @@ def train(cfg: DictConfig, run_dir: str | Path) -> float:
         distributed.teardown(context)
 
 
+def check_settings(settings: DictConfig) -> None:
+    """Refuse train settings no run can use, naming each key and its range.
+
+    Raises:
+        ValueError: a count under its minimum (TRAIN_MINIMA), a learning rate that is not
+            positive, or resume and overwrite both set.
+    """
+    problems = [
+        f"train.{key} must be at least {minimum}, got {settings[key]}"
+        for key, minimum in TRAIN_MINIMA.items()
+        if settings[key] is not None and settings[key] < minimum
+    ]
+    if not settings.lr > 0:
+        problems.append(f"train.lr must be positive, got {settings.lr}")
+    if settings.resume and settings.overwrite:
+        problems.append(
+            "train.resume=true continues a run, train.overwrite=true replaces it: set one"
+        )
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def earlier_run(run_dir: Path) -> list[str]:
+    """The outputs of an earlier run in ``run_dir`` (RUN_OUTPUTS found there), but for the
+    temporary files of a killed run."""
+    found = []
+    for name in RUN_OUTPUTS:
+        path = run_dir / name
+        if path.is_dir():
+            if any(not child.name.startswith(".tmp-") for child in path.iterdir()):
+                found.append(f"{name}/")
+        elif path.exists():
+            found.append(name)
+    return found
+
+
+def refuse_earlier_run(run_dir: Path, settings: DictConfig) -> None:
+    """Refuse to train into a folder holding an earlier run, unless resumed or replaced.
+
+    Raises:
+        FileExistsError: naming the folder, what it holds and the overrides that go on.
+    """
+    found = earlier_run(run_dir)
+    if found and not (settings.resume or settings.overwrite):
+        raise FileExistsError(
+            f"{run_dir} holds an earlier run ({', '.join(found)}); add train.resume=true to "
+            "continue it or train.overwrite=true to replace it, or choose another hydra.run.dir "
+            "(hydra.sweep.dir for a multirun)"
+        )
+
+
+def prepare_run_dir(run_dir: Path, settings: DictConfig) -> None:
+    """Delete an earlier run's outputs with ``train.overwrite``, and in every case the
+    temporary files a killed run left (each up to a checkpoint's size)."""
+    if settings.overwrite:
+        for name in RUN_OUTPUTS:
+            path = run_dir / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+    leftovers = [*run_dir.glob(".tmp-*"), *(run_dir / "checkpoints").glob(".tmp-*")]
+    for path in leftovers:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    if leftovers:
+        log.info(
+            "removed %d temporary file(s) of an interrupted run: %s",
+            len(leftovers),
+            ", ".join(path.name for path in leftovers),
+        )
+
+
 def _train(cfg: DictConfig, run_dir: Path, context: distributed.Distributed) -> float:
     started = time.perf_counter()
     settings = cfg.train
     device = context.device
     seed_everything(cfg.seed + context.rank, deterministic=settings.deterministic)
+    if context.is_main:
+        prepare_run_dir(run_dir, settings)
 
     label_method = label_method_for(cfg)
     if context.is_main:
@@ -411,8 +518,45 @@ def label_method_for(cfg: DictConfig) -> str:
 
 
 def ensure_labels(cfg: DictConfig, method: str) -> None:
-    """Write the label volumes the run needs, if missing (idempotent, so sweeps just work)."""
-    soft_labels.generate(cfg.data.root, method, **label_options(cfg, method))
+    """Write the label volumes the run needs, if missing or stale (idempotent, so sweeps just
+    work).
+
+    Raises:
+        LabelOptionsError: the labels there were made with other options; its message gives
+            the bmlseg-labels command that remakes them with this run's.
+    """
+    options = label_options(cfg, method)
+    try:
+        soft_labels.generate(cfg.data.root, method, **options)
+    except LabelOptionsError as error:
+        raise error.with_remedy(
+            f"remake them with this run's options: {relabel_command(cfg.data.root, method, options)}"
+        ) from None
+
+
+def relabel_command(root: str, method: str, options: dict[str, Any]) -> str:
+    """The bmlseg-labels command that remakes ``method``'s labels with ``options``: an override
+    for each option whose value is not the default of conf/labels/<method>.yaml."""
+    defaults = soft_labels.resolve_options(method)
+    wanted = soft_labels.resolve_options(method, **options)
+    overrides = [
+        f"labels.options.{name}={_override_value(value)}"
+        for name, value in wanted.items()
+        if value != defaults[name]
+    ]
+    words = ["bmlseg-labels", f"data.root={root}", f"labels={method}", *overrides, "overwrite=true"]
+    return " ".join(shlex.quote(word) for word in words)
+
+
+def _override_value(value: Any) -> str:
+    """A value as Hydra's override grammar reads it."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if value is None:
+        return "null"
+    if isinstance(value, list):
+        return "[" + ",".join(_override_value(item) for item in value) + "]"
+    return str(value)
 
 
 def label_options(cfg: DictConfig, method: str) -> dict[str, Any]:

@@ -36,9 +36,8 @@ from tqdm import tqdm
 from bmlseg.data.format import (
     Case,
     load_case,
+    load_dataset,
     mask_path,
-    read_annotations,
-    read_dataset_json,
     softlabel_path,
     write_text_atomic,
 )
@@ -122,8 +121,8 @@ def evaluate(
     """Score ``methods``' labels against ``root/masks/``; write a table, a CSV and a figure.
 
     Instances are cut with ``instances`` (None: InstanceOptions' defaults). Labels missing
-    under ``softlabels/<method>/`` are generated first with the options recorded
-    there (defaults for a new method). Writes ``label_quality.md``, ``label_quality.csv`` and
+    or stale (bmlseg.labels.generate) under ``softlabels/<method>/`` are made first with the
+    options recorded there (defaults for a new method). Writes ``label_quality.md``, ``label_quality.csv`` and
     ``label_quality.png`` (one slice: the image with the truth's outline, each method's label).
 
     Returns:
@@ -135,17 +134,13 @@ def evaluate(
     if not methods:
         raise ValueError("evaluate needs at least one label method")
     instances = instances or InstanceOptions()
-    info = read_dataset_json(root)
+    info, annotations = load_dataset(root)
     case_ids = [record.id for record in info.cases if mask_path(root, record.id).exists()]
     if not case_ids:
         raise ValueError(f"{root}: no case has a masks/<id>.nii.gz ground truth to score against")
     for method in methods:
-        missing = [
-            case_id for case_id in case_ids if not softlabel_path(root, method, case_id).exists()
-        ]
-        if missing:
-            generate(root, method, cases=missing, **recorded_options(root, method))
-    annotations = read_annotations(root)
+        # Makes the labels missing or stale, keeps the others.
+        generate(root, method, cases=case_ids, **recorded_options(root, method))
     figures: dict[str, list[tuple[dict, dict]]] = {method: [] for method in methods}
     example = None
     for case_id in tqdm(case_ids, desc="label quality", unit="case"):
