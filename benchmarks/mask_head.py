@@ -20,7 +20,6 @@ from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
 from bmlseg.config import register_configs
-from bmlseg.engine import checkpoint as checkpoints
 from bmlseg.engine.distributed import setup
 from bmlseg.engine.train import (
     ensure_labels,
@@ -32,6 +31,7 @@ from bmlseg.engine.train import (
     to_device,
     training_batches,
 )
+from bmlseg.models import build_model
 
 
 def main() -> None:
@@ -56,7 +56,7 @@ def main() -> None:
     ensure_labels(cfg, method)
     dataset = make_dataset(cfg, "train", method)
     config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    model = checkpoints.build_model(config["model"], config["loss"], dataset.num_classes).train()
+    model = build_model(config["model"], config["loss"], dataset.num_classes).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     context = setup("cpu")

@@ -17,11 +17,11 @@ from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from bmlseg.config import register_configs
-from bmlseg.engine.checkpoint import build_model
 from bmlseg.losses import MaskLoss
 from bmlseg.models import (
     IMaskRCNN,
     SoftMaskTransform,
+    build_model,
     probability_map,
     soft_maskrcnn_loss,
 )

@@ -24,6 +24,7 @@ from bmlseg.engine.distributed import setup
 from bmlseg.engine.train import NonFiniteLossError, resume, train
 from bmlseg.io import read_volume, write_volume
 from bmlseg.metrics import METRIC_KEYS, SCORE_GRID
+from bmlseg.models import build_model
 from bmlseg.report import PRESET_ORDER
 
 BIN = Path(sys.executable).parent
@@ -274,7 +275,7 @@ def test_resume_continues_at_the_saved_step_with_the_saved_optimizer_state(
     saved = checkpoints.load(interrupted / "checkpoints" / "last.pt")
 
     config = saved["config"]
-    model = checkpoints.build_model(config["model"], config["loss"], saved["num_classes"])
+    model = build_model(config["model"], config["loss"], saved["num_classes"])
     optimizer = torch.optim.Adam(model.parameters())
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     step, best = resume(

@@ -28,11 +28,10 @@ from bmlseg.data.format import (
     DatasetError,
     bones_problems,
     image_problems,
-    write_text_atomic,
 )
 from bmlseg.engine.distributed import resolve_device
 from bmlseg.engine.evaluate import InferenceSettings, infer_volume, load_for_inference
-from bmlseg.io import read_volume, write_volume
+from bmlseg.io import read_volume, write_text_atomic, write_volume
 from bmlseg.metrics import bml_volume_ml
 
 DEFAULT_BONES = {1: "femur", 2: "tibia", 3: "patella"}

@@ -25,8 +25,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from bmlseg.data.format import write_text_atomic
-from bmlseg.io import atomic_path
+from bmlseg.io import atomic_path, write_text_atomic
 from bmlseg.metrics import METRIC_KEYS
 
 __all__ = [

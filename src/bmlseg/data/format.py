@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from bmlseg.io import Geometry, atomic_path, read_volume
+from bmlseg.io import Geometry, read_volume, write_text_atomic
 
 FORMAT_VERSION = 1
 ANNOTATION_COLUMNS = ("case", "reader", "slice", "bone", "x0", "y0", "x1", "y1")
@@ -254,13 +254,6 @@ def load_case(
         annotations=rows,
         mask=volumes.mask.astype(np.uint8) if volumes.mask is not None else None,
     )
-
-
-def write_text_atomic(path: Path, text: str) -> Path:
-    """Write ``text`` as UTF-8 under a temporary name, then rename it to ``path``."""
-    with atomic_path(path) as temporary:
-        temporary.write_text(text, encoding="utf-8")
-    return path
 
 
 # Parsing, shared by the readers above and by check() below.

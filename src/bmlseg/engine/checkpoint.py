@@ -20,33 +20,7 @@ import torch
 from torch import nn
 
 from bmlseg.io import atomic_path
-from bmlseg.losses import MaskLoss
-from bmlseg.models import IMaskRCNN
-
-# Keys of the loss config that are not MaskLoss arguments.
-_LOSS_META_KEYS = ("name", "label_kind")
-
-
-def build_model(
-    model: dict[str, Any], loss: dict[str, Any], num_classes: int, *, pretrained: bool = True
-) -> IMaskRCNN:
-    """IMaskRCNN from a model config and a loss config (plain dicts, as in a checkpoint).
-
-    ``pretrained=False`` skips ``backbone_weights``: for a model whose weights come from a
-    checkpoint right after.
-    """
-    mask_loss = MaskLoss(
-        **{key: value for key, value in loss.items() if key not in _LOSS_META_KEYS}
-    )
-    return IMaskRCNN(
-        num_classes,
-        backbone=model["backbone"],
-        image_size=model["image_size"],
-        mask_loss=mask_loss,
-        skip_connection=model["skip_connection"],
-        backbone_weights=model["backbone_weights"] if pretrained else None,
-        **model["maskrcnn_kwargs"],
-    )
+from bmlseg.models import IMaskRCNN, build_model
 
 
 def save(path: Path, state: dict[str, Any]) -> Path:

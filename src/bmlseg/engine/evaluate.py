@@ -29,12 +29,11 @@ from bmlseg.data.format import (
     load_dataset,
     mask_path,
     read_dataset_json,
-    write_text_atomic,
 )
 from bmlseg.data.slices import VolumeSlices, paste_volume
 from bmlseg.engine import checkpoint as checkpoints
-from bmlseg.engine.distributed import resolve_device
-from bmlseg.io import atomic_path
+from bmlseg.engine.distributed import autocast_dtype, resolve_device
+from bmlseg.io import atomic_path, write_text_atomic
 from bmlseg.metrics import METRIC_KEYS, SCORE_GRID, VolumeMetrics, probability_maps
 from bmlseg.models import probability_map
 
@@ -60,23 +59,6 @@ class InferenceSettings:
     mask_threshold: float
     batch_size: int
     min_score: float = 0.05
-
-
-def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of ``train.amp`` on ``device``; None means full float32.
-
-    ``auto`` is bf16 on CUDA devices that support it, else fp16, and off on CPU. bf16 on CPU is
-    allowed when asked for; fp16 needs CUDA.
-    """
-    if amp == "off" or (amp == "auto" and device.type != "cuda"):
-        return None
-    if amp == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if amp == "fp16" and device.type != "cuda":
-        raise ValueError("amp=fp16 needs a CUDA device; use amp=bf16 or amp=off on CPU")
-    if amp not in ("bf16", "fp16"):
-        raise ValueError(f"amp must be auto, bf16, fp16 or off, got {amp!r}")
-    return torch.bfloat16 if amp == "bf16" else torch.float16
 
 
 @contextlib.contextmanager

@@ -23,6 +23,7 @@ killed run left (``.tmp-*``, e.g. a checkpoint being written).
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
 import math
@@ -31,6 +32,7 @@ import shlex
 import shutil
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,20 +45,21 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from bmlseg import labels as soft_labels
-from bmlseg.data.format import read_dataset_json, write_text_atomic
+from bmlseg.data.format import read_dataset_json
 from bmlseg.data.instances import InstanceOptions
 from bmlseg.data.slices import SliceDataset, collate_detection
 from bmlseg.engine import checkpoint as checkpoints
 from bmlseg.engine import distributed
 from bmlseg.engine.evaluate import (
     InferenceSettings,
-    autocast_dtype,
     evaluate_cases,
     recorded_score_threshold,
     split_cases,
     write_run_outputs,
 )
+from bmlseg.io import write_text_atomic
 from bmlseg.labels.files import LabelOptionsError
+from bmlseg.models import build_model
 
 log = logging.getLogger(__name__)
 
@@ -194,20 +197,19 @@ def _train(cfg: DictConfig, run_dir: Path, context: distributed.Distributed) -> 
     if context.is_main:
         prepare_run_dir(run_dir, settings)
 
+    # Labels, data, model. Rank 0 writes missing label volumes; the others wait for them.
     label_method = label_method_for(cfg)
     if context.is_main:
         ensure_labels(cfg, label_method)
     context.barrier()
-
     train_set = make_dataset(cfg, "train", label_method)
-    info = read_dataset_json(cfg.data.root)
-    num_classes = train_set.num_classes
+    val_cases = split_cases(read_dataset_json(cfg.data.root), "val", settings.val_max_cases)
     config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    model = checkpoints.build_model(config["model"], config["loss"], num_classes).to(device)
+    model = build_model(config["model"], config["loss"], train_set.num_classes).to(device)
     optimizer = torch.optim.Adam(
         model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay
     )
-    precision = autocast_dtype(settings.amp.value, device)
+    precision = distributed.autocast_dtype(settings.amp.value, device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == torch.float16)
     log.info(
         "run %s: %s on %s (%d process(es)), %s labels, autocast %s",
@@ -219,23 +221,15 @@ def _train(cfg: DictConfig, run_dir: Path, context: distributed.Distributed) -> 
         precision,
     )
 
-    checkpoint_dir = run_dir / "checkpoints"
+    # Resume from last.pt, or start at step 0.
+    best = Best(settings.best_metric.value, score_threshold=settings.score_threshold)
     start_step = 0
-    # score_threshold: the operating threshold of the best state's validation (fixed, or chosen
-    # there); the test evaluation and bmlseg-eval/-predict use it.
-    best = {
-        "metric": settings.best_metric.value,
-        "value": -math.inf,
-        "step": 0,
-        "score_threshold": settings.score_threshold,
-    }
     if settings.resume:
-        resumed = resume(checkpoint_dir / "last.pt", model, optimizer, scaler, context)
+        resumed = resume(run_dir / "checkpoints" / "last.pt", model, optimizer, scaler, context)
         if resumed is not None:
-            start_step, best = resumed
+            start_step, best = resumed[0], Best(**resumed[1])
     if start_step >= settings.steps:
         log.info("nothing to train: resumed at step %d of %d", start_step, settings.steps)
-
     trained = model
     if context.enabled:
         trained = DistributedDataParallel(
@@ -244,38 +238,15 @@ def _train(cfg: DictConfig, run_dir: Path, context: distributed.Distributed) -> 
     batches = training_batches(train_set, cfg, context, start_step)
     metrics_log = MetricsLog(run_dir / "metrics.csv", keep_until=start_step)
     writer = _tensorboard(run_dir) if settings.tensorboard and context.is_main else None
-    val_cases = split_cases(info, "val", settings.val_max_cases)
-
-    def save_state(step: int, names: list[str]) -> None:
-        state = {
-            "step": step,
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict(),
-            "best": dict(best),
-            "rng": gather_rng_states(context),
-            "config": config,
-            "num_classes": num_classes,
-            "label_method": label_method,
-        }
-        if not context.is_main:
-            return
-        bad = checkpoints.non_finite_parameters(model)
-        if bad:
-            raise NonFiniteLossError(
-                f"step {step}: parameters {bad[:3]} are not finite; no checkpoint written"
-            )
-        for name in names:
-            checkpoints.save(checkpoint_dir / name, state)
+    running = RunningMeans()
+    skipped = SkippedSteps(settings.max_nonfinite_steps)
 
     model.train()
-    running: dict[str, float] = {}
-    counted = 0
-    non_finite_in_a_row = 0
     progress = tqdm(
         total=settings.steps, initial=start_step, desc="train", disable=not context.is_main
     )
     for step in range(start_step + 1, settings.steps + 1):
+        # One optimizer step; one with a non-finite loss or gradient changes nothing.
         lr = learning_rate(step, settings)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -286,89 +257,169 @@ def _train(cfg: DictConfig, run_dir: Path, context: distributed.Distributed) -> 
         with torch.autocast(device.type, dtype=precision, enabled=precision is not None):
             losses = trained(images, targets)
         loss = sum(losses.values())
-        updated = optimizer_step(loss, model, optimizer, scaler, settings.clip_grad_norm, context)
-        if not updated:
-            model.load_state_dict(buffers, strict=False)
-        progress.update(1)
-
-        if updated:
-            non_finite_in_a_row = 0
-            for name, value in {"loss": loss, **losses}.items():
-                running[name] = running.get(name, 0.0) + float(value.detach())
-            counted += 1
+        if optimizer_step(loss, model, optimizer, scaler, settings.clip_grad_norm, context):
+            running.add({"loss": loss, **losses})
+            skipped.reset()
         else:
-            non_finite_in_a_row += 1
-            log.warning(
-                "step %d: non-finite loss or gradient (%s); step skipped (%d in a row)",
-                step,
-                {name: float(value.detach()) for name, value in losses.items()},
-                non_finite_in_a_row,
-            )
-            if non_finite_in_a_row >= settings.max_nonfinite_steps:
-                raise NonFiniteLossError(
-                    f"step {step}: {non_finite_in_a_row} steps in a row had a non-finite loss or "
-                    "gradient; stopping (lower train.lr, raise train.warmup_steps, or check the "
-                    "labels). The last good checkpoint is kept."
-                )
+            model.load_state_dict(buffers, strict=False)
+            skipped.add(step, losses)
+        progress.update(1)
+        if running.count and step % settings.log_every == 0 and context.is_main:
+            progress.set_postfix(loss=f"{running.means()['loss']:.3f}", lr=f"{lr:.2e}")
+            _add_scalars(writer, "train", running.means(), step)
 
-        if counted and step % settings.log_every == 0 and context.is_main:
-            means = {name: total / counted for name, total in running.items()}
-            progress.set_postfix(loss=f"{means['loss']:.3f}", lr=f"{lr:.2e}")
-            if writer is not None:
-                for name, value in means.items():
-                    writer.add_scalar(f"train/{name}", value, step)
-
+        # Validation picks best.pt and its operating score threshold (rank 0 scores it).
         is_last = step == settings.steps
         new_best = False
         if step % settings.eval_every == 0 or is_last:
             if context.is_main:
                 scores = validate(model, cfg, val_cases, device, precision)
-                row = {
-                    "step": step,
-                    "lr": lr,
-                    **{name: total / max(counted, 1) for name, total in running.items()},
-                    **{f"val_{name}": value for name, value in scores.items()},
-                    "time_s": round(time.perf_counter() - started, 1),
-                }
-                metrics_log.append(row)
-                if writer is not None:
-                    for name, value in scores.items():
-                        writer.add_scalar(f"val/{name}", value, step)
-                value = scores[best["metric"]]
-                # >=: on ties the later, longer-trained state wins; NaN (nothing to score) ranks
-                # lowest, and the first validation always makes a best.pt.
-                new_best = (-math.inf if math.isnan(value) else value) >= best["value"]
-                if new_best:
-                    best.update(
-                        value=-math.inf if math.isnan(value) else value,
-                        step=step,
-                        score_threshold=scores["score_threshold"],
-                    )
+                metrics_log.append(
+                    {
+                        "step": step,
+                        "lr": lr,
+                        **running.means(),
+                        **{f"val_{name}": value for name, value in scores.items()},
+                        "time_s": round(time.perf_counter() - started, 1),
+                    }
+                )
+                _add_scalars(writer, "val", scores, step)
+                new_best = best.update(step, scores)
                 log.info(
                     "step %d: train loss %.4f, val %s %.4f (best %.4f at step %d)",
                     step,
-                    row.get("loss", math.nan),
-                    best["metric"],
-                    value,
-                    best["value"],
-                    best["step"],
+                    running.means().get("loss", math.nan),
+                    best.metric,
+                    scores[best.metric],
+                    best.value,
+                    best.step,
                 )
             new_best = context.broadcast(new_best)
-            running, counted = {}, 0
+            running = RunningMeans()
+
+        # Checkpoints: last.pt every checkpoint_every steps and at the end, best.pt on a new best.
         names = (["last.pt"] if step % settings.checkpoint_every == 0 or is_last else []) + (
             ["best.pt"] if new_best else []
         )
         if names:
-            save_state(step, names)
+            # Every rank builds the state: gathering the RNG states is a collective operation.
+            state = {
+                "step": step,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(),
+                "best": best.as_dict(),
+                "rng": gather_rng_states(context),
+                "config": config,
+                "num_classes": train_set.num_classes,
+                "label_method": label_method,
+            }
+            save_checkpoints(run_dir / "checkpoints", names, state, model, context)
             context.barrier()
     progress.close()
     if writer is not None:
         writer.close()
 
     if context.is_main:
-        finish(cfg, run_dir, checkpoint_dir, device, precision, started)
+        finish(cfg, run_dir, run_dir / "checkpoints", device, precision, started)
     context.barrier()
-    return float(best["value"])
+    return float(best.value)
+
+
+@dataclass
+class Best:
+    """The best validation so far: its ``train.best_metric`` value, step and the operating score
+    threshold it was at (fixed, or chosen there), which the test evaluation and bmlseg-eval and
+    bmlseg-predict use. Stored in checkpoints as a dict (``as_dict``)."""
+
+    metric: str
+    value: float = -math.inf
+    step: int = 0
+    score_threshold: float | None = None
+
+    def update(self, step: int, scores: dict[str, float]) -> bool:
+        """Take ``scores`` of the validation at ``step`` if they are the best so far."""
+        value = scores[self.metric]
+        # NaN (nothing to score) ranks lowest; >=: on ties the later, longer-trained state wins,
+        # and the first validation always makes a best.pt.
+        value = -math.inf if math.isnan(value) else value
+        if value < self.value:
+            return False
+        self.value, self.step, self.score_threshold = value, step, scores["score_threshold"]
+        return True
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class RunningMeans:
+    """Mean of each training loss over the updated steps since the last validation."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, float] = {}
+        self.count = 0
+
+    def add(self, losses: dict[str, Tensor]) -> None:
+        for name, value in losses.items():
+            self.totals[name] = self.totals.get(name, 0.0) + float(value.detach())
+        self.count += 1
+
+    def means(self) -> dict[str, float]:
+        return {name: total / max(self.count, 1) for name, total in self.totals.items()}
+
+
+class SkippedSteps:
+    """Counts steps in a row skipped for a non-finite loss or gradient, and stops training after
+    ``limit`` of them (``train.max_nonfinite_steps``)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.in_a_row = 0
+
+    def reset(self) -> None:
+        self.in_a_row = 0
+
+    def add(self, step: int, losses: dict[str, Tensor]) -> None:
+        self.in_a_row += 1
+        log.warning(
+            "step %d: non-finite loss or gradient (%s); step skipped (%d in a row)",
+            step,
+            {name: float(value.detach()) for name, value in losses.items()},
+            self.in_a_row,
+        )
+        if self.in_a_row >= self.limit:
+            raise NonFiniteLossError(
+                f"step {step}: {self.in_a_row} steps in a row had a non-finite loss or "
+                "gradient; stopping (lower train.lr, raise train.warmup_steps, or check the "
+                "labels). The last good checkpoint is kept."
+            )
+
+
+def save_checkpoints(
+    checkpoint_dir: Path,
+    names: list[str],
+    state: dict[str, Any],
+    model: nn.Module,
+    context: distributed.Distributed,
+) -> None:
+    """Write ``state`` under each of ``names`` (rank 0 only), never a model that is not finite."""
+    if not context.is_main:
+        return
+    bad = checkpoints.non_finite_parameters(model)
+    if bad:
+        raise NonFiniteLossError(
+            f"step {state['step']}: parameters {bad[:3]} are not finite; no checkpoint written"
+        )
+    for name in names:
+        checkpoints.save(checkpoint_dir / name, state)
+
+
+def _add_scalars(writer: Any, prefix: str, values: dict[str, float], step: int) -> None:
+    """Log ``values`` to TensorBoard as ``prefix/name``; nothing without a writer."""
+    if writer is None:
+        return
+    for name, value in values.items():
+        writer.add_scalar(f"{prefix}/{name}", value, step)
 
 
 def finish(

@@ -38,9 +38,8 @@ from bmlseg.data.format import (
     load_dataset,
     mask_path,
     softlabel_path,
-    write_text_atomic,
 )
-from bmlseg.io import atomic_folder, write_volume
+from bmlseg.io import atomic_folder, write_text_atomic, write_volume
 from bmlseg.labels.methods import METHODS, resolve_options
 
 log = logging.getLogger(__name__)

@@ -39,7 +39,6 @@ from bmlseg.data.format import (
     load_dataset,
     mask_path,
     softlabel_path,
-    write_text_atomic,
 )
 from bmlseg.data.instances import (
     InstanceOptions,
@@ -47,7 +46,7 @@ from bmlseg.data.instances import (
     label_instances,
     masks_to_boxes,
 )
-from bmlseg.io import atomic_path, read_volume
+from bmlseg.io import atomic_path, read_volume, write_text_atomic
 from bmlseg.labels.files import generate, recorded_options
 from bmlseg.metrics import connected_instances
 
