@@ -34,8 +34,6 @@ from bmlseg.engine.evaluate import InferenceSettings, infer_volume, load_for_inf
 from bmlseg.io import read_volume, write_text_atomic, write_volume
 from bmlseg.metrics import bml_volume_ml
 
-DEFAULT_BONES = {1: "femur", 2: "tibia", 3: "patella"}
-
 
 def predict_volume(
     model: nn.Module,
@@ -101,7 +99,9 @@ def predict_file(
         model, image, bones, state["config"]["data"]["crop_size"], settings, device=target
     )
     mask = probability >= settings.mask_threshold
-    volumes = bml_volume_ml(mask, geometry.voxel_volume_ml, bones, bone_names or DEFAULT_BONES)
+    # Per-bone volumes under the names of the bones the model was trained on.
+    bone_names = bone_names or state["bone_names"]
+    volumes = bml_volume_ml(mask, geometry.voxel_volume_ml, bones, bone_names)
 
     name = _stem(Path(input_path))
     out = Path(output_dir)

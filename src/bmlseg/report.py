@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 import math
 import os
 import sys
@@ -27,6 +26,7 @@ from matplotlib.figure import Figure
 
 from bmlseg.io import atomic_path, write_text_atomic
 from bmlseg.metrics import METRIC_KEYS
+from bmlseg.summary import NUMERIC_LOSS_KEYS, read_summary
 
 __all__ = [
     "collect",
@@ -38,9 +38,7 @@ __all__ = [
     "write_report",
 ]
 
-SUMMARY_KEYS = (*METRIC_KEYS, "loss", "label_method", "seed", "run_dir")
-LOSS_KEYS = ("name", "bce", "sce", "rce", "mae", "normalized", "label_kind")
-LOSS_WEIGHTS = ("bce", "sce", "rce", "mae")
+LOSS_WEIGHTS = NUMERIC_LOSS_KEYS  # the paper's weights, one column each
 # MaskLoss terms beyond the paper's, shown together in one column; absent (older runs) means 0.
 OTHER_TERMS = ("gce", "nnce", "dice", "tloss", "projection", "pairwise")
 ORACLE = "truth_bce"  # the clean-label oracle: the upper bound of the noise gap
@@ -95,34 +93,6 @@ FRACTION_METRICS = (
 )
 
 
-def _check_number(value: Any, path: Path, key: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"{path}: {key!r} must be a number, got {value!r}")
-
-
-def _read_summary(path: Path) -> dict[str, Any]:
-    try:
-        summary = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error})") from error
-    if not isinstance(summary, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(summary).__name__}")
-    for key in SUMMARY_KEYS:
-        if key not in summary:
-            raise ValueError(f"{path}: missing key {key!r}")
-    loss = summary["loss"]
-    if not isinstance(loss, dict):
-        raise ValueError(f"{path}: 'loss' must be an object, got {loss!r}")
-    for key in LOSS_KEYS:
-        if key not in loss:
-            raise ValueError(f"{path}: missing key 'loss.{key}'")
-    for key in METRIC_KEYS:
-        _check_number(summary[key], path, key)
-    for key in LOSS_WEIGHTS:
-        _check_number(loss[key], path, f"loss.{key}")
-    return {**summary, "summary_path": str(path)}
-
-
 def collect(*directories: str | os.PathLike) -> list[dict[str, Any]]:
     """Every summary.json below the directories (recursively), in path order, each with
     summary_path."""
@@ -134,7 +104,7 @@ def collect(*directories: str | os.PathLike) -> list[dict[str, Any]]:
         if not found:
             raise FileNotFoundError(f"{directory}: no summary.json found below it")
         paths += found
-    return [_read_summary(path) for path in paths]
+    return [read_summary(path) for path in paths]
 
 
 def _other_terms(loss: dict[str, Any]) -> str:

@@ -5,7 +5,7 @@ A checkpoint is a dict of tensors, numbers, strings, lists and dicts only::
     {"step", "model", "optimizer", "scaler",
      "best": {"metric", "value", "step", "score_threshold"},
      "rng": [one state per rank], "config": the run's resolved config, "num_classes",
-     "label_method"}
+     "label_method", "bone_names": {label: name} of the training dataset}
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ CHECKPOINT_KEYS = (
     "config",
     "num_classes",
     "label_method",
+    "bone_names",
 )
 
 

@@ -8,7 +8,6 @@ volume's grid, so the metrics see the full volume (outside the crop: no lesion).
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -33,9 +32,10 @@ from bmlseg.data.format import (
 from bmlseg.data.slices import VolumeSlices, paste_volume
 from bmlseg.engine import checkpoint as checkpoints
 from bmlseg.engine.distributed import autocast_dtype, resolve_device
-from bmlseg.io import atomic_path, write_text_atomic
+from bmlseg.io import atomic_path
 from bmlseg.metrics import METRIC_KEYS, SCORE_GRID, VolumeMetrics, probability_maps
 from bmlseg.models import probability_map
+from bmlseg.summary import run_summary, write_summary
 
 
 @dataclass(frozen=True)
@@ -302,30 +302,18 @@ def write_run_outputs(
     steps: int,
     wall_time_s: float,
 ) -> dict[str, Path]:
-    """summary.json (metrics + what was trained) and predictions.png, both atomic.
-
-    Undefined metrics (e.g. a precision without any prediction) are written as NaN, which
-    Python's json reads back; bmlseg-report shows them as such.
-    """
-    config = checkpoint["config"]
-    summary = {
-        **scores,
-        "split": split,
-        "loss": dict(config["loss"]),
-        "label_method": checkpoint["label_method"],
-        "seed": seed,
-        "run_dir": str(out_dir.resolve()),
-        "model": config["model"],
-        "data_root": config["data"]["root"],
-        "crop_size": config["data"]["crop_size"],
-        "steps": steps,
-        "checkpoint_step": int(checkpoint["step"]),
-        "best": checkpoint["best"],
-        "wall_time_s": round(wall_time_s, 1),
-    }
-    paths = {
-        "summary": write_text_atomic(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-    }
+    """summary.json (bmlseg.summary: metrics + what was trained) and predictions.png, both
+    atomic."""
+    summary = run_summary(
+        scores,
+        checkpoint,
+        run_dir=out_dir,
+        seed=seed,
+        split=split,
+        steps=steps,
+        wall_time_s=wall_time_s,
+    )
+    paths = {"summary": write_summary(out_dir / "summary.json", summary)}
     if examples:
         paths["predictions"] = save_prediction_figure(out_dir / "predictions.png", examples)
     return paths

@@ -8,7 +8,8 @@ Outputs in ``run_dir`` (rank 0 only)::
 
     metrics.csv              one row per validation: step, lr, mean train losses, val metrics
                              (val_score_threshold: the operating threshold they are at)
-    checkpoints/last.pt      the latest state (model, optimizer, scaler, step, RNG, config)
+    checkpoints/last.pt      the latest state (model, optimizer, scaler, step, RNG, config,
+                             the dataset's bone names)
     checkpoints/best.pt      the state with the best val ``train.best_metric``, its threshold
                              in ``best["score_threshold"]``
     summary.json             test metrics of best.pt at that threshold, loss weights, ...
@@ -203,7 +204,8 @@ def _train(cfg: DictConfig, run_dir: Path, context: distributed.Distributed) -> 
         ensure_labels(cfg, label_method)
     context.barrier()
     train_set = make_dataset(cfg, "train", label_method)
-    val_cases = split_cases(read_dataset_json(cfg.data.root), "val", settings.val_max_cases)
+    info = read_dataset_json(cfg.data.root)
+    val_cases = split_cases(info, "val", settings.val_max_cases)
     config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     model = build_model(config["model"], config["loss"], train_set.num_classes).to(device)
     optimizer = torch.optim.Adam(
@@ -313,6 +315,7 @@ def _train(cfg: DictConfig, run_dir: Path, context: distributed.Distributed) -> 
                 "config": config,
                 "num_classes": train_set.num_classes,
                 "label_method": label_method,
+                "bone_names": info.bones,
             }
             save_checkpoints(run_dir / "checkpoints", names, state, model, context)
             context.barrier()

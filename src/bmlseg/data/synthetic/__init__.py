@@ -15,7 +15,7 @@ All lengths are in mm in a centred anatomical frame: x runs anterior (left of th
 posterior, y superior (top row) to inferior, z across the slices (medial to lateral).
 """
 
-from bmlseg.data.synthetic.generate import (
+from bmlseg.data.synthetic.dataset import (
     format_statistics,
     generate,
     noise_statistics,
