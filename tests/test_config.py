@@ -17,6 +17,7 @@ from omegaconf.errors import MissingMandatoryValue
 
 from bmlseg import config
 from bmlseg.config import register_configs
+from bmlseg.labels.methods import resolve_options
 from bmlseg.losses import MaskLoss
 from bmlseg.report import PRESET_ORDER
 
@@ -259,3 +260,16 @@ def test_no_variant_restates_what_it_inherits(group):
             own = _flatten(_own_values(group, name))
             restated = {key for key, value in own.items() if inherited.get(key) == value}
             assert not restated, f"{group}/{name}.yaml restates {sorted(restated)} of {parent}"
+
+
+@pytest.mark.parametrize("name", options("labels"))
+def test_label_options_in_yaml_are_the_methods_defaults(name):
+    """Label options are listed in their YAML, so that ``labels.options.x=...`` composes (Hydra
+    refuses new keys without ``+``); they must say what the method's own defaults say."""
+    cfg = compose("train", overrides=[f"labels={name}"])
+    listed = OmegaConf.to_container(cfg.labels.options, resolve=True)
+    defaults = resolve_options(cfg.labels.method)
+    assert set(listed) == set(defaults), name
+    # kimriss_hard's threshold is the instance threshold by design, not a copy of a default.
+    differing = {k for k in listed if listed[k] != defaults[k] and k != "threshold"}
+    assert not differing, f"labels/{name}.yaml: {sorted(differing)} differ from the defaults"

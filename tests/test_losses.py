@@ -373,3 +373,20 @@ def test_preset_loads_builds_and_matches_table_i(path):
     assert mask_loss.normalized is (rce > 0)
     assert (mask_loss.p_min, mask_loss.hard_threshold) == (P_MIN, 0.5)
     assert mask_loss(torch.zeros(1, 2, 2), torch.ones(1, 2, 2)).isfinite()
+
+
+@pytest.mark.slow
+def test_compiled_fused_kernel_matches_the_eager_one():
+    """MaskLoss(compiled=True) (torch.compile of the fused pass; tens of seconds to build on a
+    CPU) gives the eager value and gradient, or falls back to eager with a warning."""
+    generator = torch.Generator().manual_seed(5)
+    z = (3 * torch.randn(6, 14, 14, generator=generator)).requires_grad_()
+    y = torch.rand(6, 14, 14, generator=generator)
+    y[0] = (y[0] > 0.5).float()
+    eager = MaskLoss(bce=1.0, sce=1.0, rce=1.0, mae=0.5)
+    compiled = MaskLoss(bce=1.0, sce=1.0, rce=1.0, mae=0.5, compiled=True)
+    (eager_grad,) = torch.autograd.grad(eager(z, y), z)
+    value = compiled(z, y)
+    (compiled_grad,) = torch.autograd.grad(value, z)
+    torch.testing.assert_close(value, eager(z, y))
+    torch.testing.assert_close(compiled_grad, eager_grad)

@@ -25,6 +25,7 @@ from bmlseg.models import (
     probability_map,
     soft_maskrcnn_loss,
 )
+from bmlseg.models.build import LOSS_META_KEYS
 from bmlseg.models.roi_heads import TORCHVISION_MASK_LOSS
 
 NUM_CLASSES = 3
@@ -338,14 +339,15 @@ def test_narrow_pyramid_and_heads_with_group_norm_train():
 @pytest.mark.parametrize("preset", sorted(path.stem for path in LOSS_CONFIGS.glob("*.yaml")))
 def test_group_norm_head_keeps_mask_logits_inside_the_clip_for_every_preset(preset):
     """A few Adam steps of each loss preset on a tiny batch, with the CPU recipe's head."""
+    register_configs()
     with initialize_config_module(config_module="bmlseg.conf", version_base=None):
-        loss = OmegaConf.to_container(compose(overrides=[f"+loss={preset}"]).loss)
-    weights = {key: loss[key] for key in ("bce", "sce", "rce", "mae", "normalized", "p_min")}
+        loss = OmegaConf.to_container(compose("train", overrides=[f"loss={preset}"]).loss)
+    options = {key: value for key, value in loss.items() if key not in LOSS_META_KEYS}
     model = make_model(
         channels=32,
         box_representation_size=64,
         mask_head_norm="group",
-        mask_loss=MaskLoss(**weights),
+        mask_loss=MaskLoss(**options),
     ).train()
     logits = []
     model.roi_heads.mask_predictor.register_forward_hook(lambda *args: logits.append(args[2]))

@@ -324,8 +324,8 @@ def test_field_preset_builds_the_documented_loss(name):
     weights, normalized, label_kind = FIELD_PRESETS[name]
     assert preset["name"] == name
     assert preset["label_kind"] == label_kind
-    assert preset["normalized"] is normalized
     mask_loss = MaskLoss(**{k: v for k, v in preset.items() if k not in ("name", "label_kind")})
+    assert mask_loss.normalized is normalized
     assert {term: weight for term, weight in mask_loss.weights.items() if weight} == weights
     z = torch.zeros(2, 6, 6, requires_grad=True)
     value = mask_loss(z, torch.ones(2, 6, 6), torch.zeros(2, 3, 6, 6))

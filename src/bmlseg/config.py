@@ -127,6 +127,7 @@ class LossConfig:
     tloss_log_nu: float = _MASK_LOSS["tloss_log_nu"]
     pairwise_sigma: float = _MASK_LOSS["pairwise_sigma"]
     pairwise_threshold: float = _MASK_LOSS["pairwise_threshold"]
+    compiled: bool = _MASK_LOSS["compiled"]
 
 
 @dataclass

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor, nn
 
@@ -37,6 +39,9 @@ class MaskLoss(nn.Module):
     - ``projection`` and ``pairwise``: BoxInst's box terms (Tian et al. 2021), for box labels;
       ``pairwise`` needs the image under each RoI (``needs_image``).
 
+    ``compiled`` computes bce, sce, rce and mae in a kernel built by torch.compile (the first
+    call takes seconds to tens of seconds), falling back to the eager one where it cannot.
+
     The paper's presets (docs/losses.md) use bce, sce and rce only. ``MaskLoss()`` is normalized
     BCE (NCE, the active term of APL); ``MaskLoss(normalized=False)`` is torchvision's mask loss
     (plain BCE on binary masks), apart from the clipping at ``p_min``.
@@ -61,6 +66,7 @@ class MaskLoss(nn.Module):
         tloss_log_nu: float = 1.0,
         pairwise_sigma: float = 0.5,
         pairwise_threshold: float = 0.3,
+        compiled: bool = False,
     ) -> None:
         super().__init__()
         weights = {
@@ -93,6 +99,7 @@ class MaskLoss(nn.Module):
         self.q = float(q)
         self.pairwise_sigma = float(pairwise_sigma)
         self.pairwise_threshold = float(pairwise_threshold)
+        self.compiled = bool(compiled)
         # A parameter only when used, so that other presets' checkpoints stay as they were.
         self.tloss_log_nu = nn.Parameter(torch.tensor(float(tloss_log_nu))) if tloss else None
 
@@ -131,9 +138,7 @@ class MaskLoss(nn.Module):
         loss = z.new_zeros(())
         fused = (w["bce"], w["sce"], w["rce"], w["mae"])
         if any(fused):
-            loss = loss + _MaskLossFunction.apply(
-                z, y, fused, self.normalized, self.p_min, self.hard_threshold
-            )
+            loss = loss + self._fused(z, y, fused)
         if w["gce"]:
             gce = generalized_cross_entropy(z, y, q=self.q, normalized=self.normalized)
             loss = loss + w["gce"] * gce.mean()
@@ -151,6 +156,22 @@ class MaskLoss(nn.Module):
             )
             loss = loss + w["pairwise"] * pairwise.mean()
         return loss
+
+    def _fused(self, z: Tensor, y: Tensor, weights: tuple[float, ...]) -> Tensor:
+        """The CE, RCE and MAE terms in one pass; compiled when asked, and eager where
+        torch.compile cannot build its kernel (e.g. no C++ compiler), with a warning once."""
+        options = (weights, self.normalized, self.p_min, self.hard_threshold)
+        if self.compiled:
+            try:
+                return _MaskLossFunction.apply(z, y, *options, True)
+            except torch._dynamo.exc.TorchDynamoException as error:
+                warnings.warn(
+                    f"MaskLoss(compiled=True): torch.compile failed ({type(error).__name__}); "
+                    "using the eager kernel",
+                    stacklevel=2,
+                )
+                self.compiled = False
+        return _MaskLossFunction.apply(z, y, *options, False)
 
     def extra_repr(self) -> str:
         used = ", ".join(f"{name}={weight}" for name, weight in self.weights.items() if weight)

@@ -20,7 +20,9 @@ See docs/losses.md for the formulas and the presets of the paper's Table I.
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -246,44 +248,10 @@ class _MaskLossFunction(torch.autograd.Function):
         normalized: bool,
         p_min: float,
         hard_threshold: float,
+        compiled: bool,
     ) -> Tensor:
-        bce, sce, rce, mae_weight = weights
-        z_max = _logit_bound(p_min)
-        z_clipped = z.clamp(-z_max, z_max)
-        p = torch.sigmoid(z_clipped)
-        # Each term is averaged before it is weighted and summed: scalar arithmetic instead of
-        # full-size additions.
-        loss = z.new_zeros(())
-        grad = torch.zeros_like(z)
-        if bce or sce:
-            # Cross entropy is linear in its target, so bce * H(hard, p) + sce * H(y, p) is one
-            # cross entropy with weight u = sce y + bce [y >= t] on -log p and W - u on
-            # -log(1 - p), W = bce + sce.
-            weight = bce + sce
-            on_p = y * sce if sce else torch.zeros_like(y)
-            if bce:
-                on_p = on_p.add_(y >= hard_threshold, alpha=bce)
-            not_log_q = F.softplus(z_clipped)
-            cross_entropy_value = torch.addcmul(not_log_q * weight, on_p, z_clipped, value=-1)
-            grad = torch.sub(p * weight, on_p)
-            if normalized:
-                total = z_clipped.neg().add_(not_log_q, alpha=2)
-                cross_entropy_value = cross_entropy_value.div_(total)
-                grad = grad.addcmul_(cross_entropy_value, p * 2 - 1, value=-1).div_(total)
-            loss = loss + cross_entropy_value.mean()
-        if rce or mae_weight:
-            p_not_p = p * (1 - p)
-        if rce:
-            scale = rce / (_reverse_cross_entropy_normalizer(p_min) if normalized else 1.0)
-            log_y, log_not_y = _label_logs(y, p_min)
-            log_ratio = log_y.sub_(log_not_y)
-            loss = loss - scale * (log_not_y.mean() + (p * log_ratio).mean())
-            grad = grad.addcmul_(p_not_p, log_ratio, value=-scale)
-        if mae_weight:
-            difference = p - y
-            loss = loss + mae_weight * difference.abs().mean()
-            grad = grad.addcmul_(difference.sign_(), p_not_p, value=mae_weight)
-        grad = grad.masked_fill_(z != z_clipped, 0)
+        terms = _compiled_fused_terms() if compiled else _fused_terms
+        loss, grad = terms(z, y, weights, normalized, p_min, hard_threshold)
         ctx.save_for_backward(grad)
         ctx.numel = z.numel()
         return loss
@@ -292,4 +260,64 @@ class _MaskLossFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
         (grad,) = ctx.saved_tensors
-        return grad * (grad_output / ctx.numel), None, None, None, None, None
+        return grad * (grad_output / ctx.numel), None, None, None, None, None, None
+
+
+def _fused_terms(
+    z: Tensor,
+    y: Tensor,
+    weights: tuple[float, float, float, float],
+    normalized: bool,
+    p_min: float,
+    hard_threshold: float,
+) -> tuple[Tensor, Tensor]:
+    """The mean of the weighted CE, RCE and MAE terms, and its gradient times ``z.numel()``."""
+    bce, sce, rce, mae_weight = weights
+    z_max = _logit_bound(p_min)
+    z_clipped = z.clamp(-z_max, z_max)
+    p = torch.sigmoid(z_clipped)
+    # Each term is averaged before it is weighted and summed: scalar arithmetic instead of
+    # full-size additions.
+    loss = z.new_zeros(())
+    grad = None
+    if bce or sce:
+        # Cross entropy is linear in its target, so bce * H(hard, p) + sce * H(y, p) is one
+        # cross entropy with weight u = sce y + bce [y >= t] on -log p and W - u on
+        # -log(1 - p), W = bce + sce. Divided by W, u' = u / W is in [0, 1] and the scalar W
+        # multiplies the means and the gradient once.
+        weight = bce + sce
+        on_p = y * (sce / weight) if sce else torch.zeros_like(y)
+        if bce:
+            on_p = on_p.add_(y >= hard_threshold, alpha=bce / weight)
+        not_log_q = F.softplus(z_clipped)
+        cross_entropy_value = torch.addcmul(not_log_q, on_p, z_clipped, value=-1)
+        grad = p - on_p
+        if normalized:
+            total = z_clipped.neg().add_(not_log_q, alpha=2)
+            cross_entropy_value = cross_entropy_value.div_(total)
+            # d(a + b)/dz = p - (1 - p) = 2p - 1.
+            grad = grad.addcmul_(cross_entropy_value, p * 2 - 1, value=-1).div_(total)
+        loss = loss + weight * cross_entropy_value.mean()
+        grad = grad.mul_(weight)
+    if rce or mae_weight:
+        p_not_p = p * (1 - p)
+        if grad is None:
+            grad = torch.zeros_like(z)
+    if rce:
+        scale = rce / (_reverse_cross_entropy_normalizer(p_min) if normalized else 1.0)
+        log_y, log_not_y = _label_logs(y, p_min)
+        log_ratio = log_y.sub_(log_not_y)
+        loss = loss - scale * (log_not_y.mean() + (p * log_ratio).mean())
+        grad = grad.addcmul_(p_not_p, log_ratio, value=-scale)
+    if mae_weight:
+        difference = p - y
+        loss = loss + mae_weight * difference.abs().mean()
+        grad = grad.addcmul_(difference.sign_(), p_not_p, value=mae_weight)
+    return loss, grad.masked_fill_(z != z_clipped, 0)
+
+
+@functools.cache
+def _compiled_fused_terms() -> Callable[..., tuple[Tensor, Tensor]]:
+    """``_fused_terms`` compiled by torch.compile (Inductor: one loop over the pixels instead of
+    a pass per operation; on a CPU it needs a C++ compiler), for any shape."""
+    return torch.compile(_fused_terms, dynamic=True)
