@@ -127,6 +127,21 @@ def test_phantom_table1_expands_to_six_rows_times_three_seeds_resumable():
     assert kinds["truth_bce"] == "truth"
 
 
+def test_phantom_losses_runs_the_field_losses_with_the_table1_recipe_resumable():
+    cfg = compose("train", overrides=["experiment=phantom_losses"], return_hydra_config=True)
+    table1 = compose("train", overrides=["experiment=phantom_table1"], return_hydra_config=True)
+    runs = sweep_runs(cfg)
+    rows = ["gce", "ngce_nrce", "sce", "anl", "tloss", "dice_soft", "dice_sce", "boxinst"]
+    assert {(run["loss"], run["seed"]) for run in runs} == {
+        (row, seed) for row in rows for seed in ("0", "1", "2")
+    }
+    assert cfg.hydra.sweep.dir == "multirun/phantom_losses"
+    # The same recipe and data settings as the runs it is paired with.
+    for group in ("model", "train", "data"):
+        assert cfg[group] == table1[group], group
+    assert compose("train", overrides=["loss=boxinst"]).loss.label_kind.value == "boxes"
+
+
 @pytest.mark.skipif(
     not installed("hydra_plugins.hydra_optuna_sweeper"),
     reason="hydra-optuna-sweeper is not installed (extra [optuna])",

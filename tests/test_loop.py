@@ -3,10 +3,11 @@
 import math
 
 import pytest
+from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
-from bmlseg.config import TrainConfig
-from bmlseg.engine.train import learning_rate
+from bmlseg.config import TrainConfig, register_configs
+from bmlseg.engine.train import label_method_for, learning_rate
 
 
 def settings(**overrides):
@@ -31,3 +32,19 @@ def test_warm_up_then_cosine_to_zero():
     assert rates[-1] == pytest.approx(0.5 * (1 + math.cos(8 * math.pi / 9)))
     assert all(later < earlier for earlier, later in zip(rates[1:-1], rates[2:], strict=True))
     assert 0 < rates[-1] < 0.05
+
+
+@pytest.mark.parametrize(
+    ("loss", "method"),
+    [
+        ("apl_soft_bce", "kimriss"),
+        ("baseline_bce", "kimriss_hard"),
+        ("truth_bce", "truth"),
+        ("boxinst", "binary_any"),
+    ],
+)
+def test_each_label_kind_trains_on_its_labels(loss, method):
+    register_configs()
+    with initialize_config_module("bmlseg.conf", version_base=None):
+        cfg = compose("train", overrides=[f"loss={loss}"])
+    assert label_method_for(cfg) == method
