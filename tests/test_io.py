@@ -10,7 +10,7 @@ import pydicom
 import pytest
 from nibabel.testing import data_path
 
-from bmlseg.io import Geometry, read_volume, write_dicom_series, write_volume
+from bmlseg.io import Geometry, read_volume, remove_path, write_dicom_series, write_volume
 
 NIBABEL_DATA = data_path
 NIBABEL_DICOM = NIBABEL_DATA.parent.parent / "nicom" / "tests" / "data"
@@ -225,3 +225,13 @@ def test_dicom_io_leaves_the_process_locale_as_it_was(tmp_path, rotated_geometry
     read_volume(folder)
     read_volume(sorted(folder.iterdir())[0])
     assert locale.setlocale(locale.LC_ALL) == before
+
+
+def test_remove_path_deletes_a_file_a_folder_and_accepts_nothing(tmp_path):
+    (tmp_path / "folder" / "inner").mkdir(parents=True)
+    (tmp_path / "folder" / "inner" / "a.txt").write_text("a", encoding="utf-8")
+    (tmp_path / "file.txt").write_text("b", encoding="utf-8")
+    (tmp_path / "kept.txt").write_text("c", encoding="utf-8")
+    for name in ("folder", "file.txt", "absent"):
+        remove_path(tmp_path / name)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["kept.txt"]

@@ -120,6 +120,15 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         temporary.unlink(missing_ok=True)
 
 
+def remove_path(path: str | os.PathLike) -> None:
+    """Delete a file or a folder with all it holds; nothing when there is none."""
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` as UTF-8 under a temporary name, then rename it to ``path``."""
     with atomic_path(path) as temporary:

@@ -30,7 +30,6 @@ import logging
 import math
 import random
 import shlex
-import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -58,7 +57,7 @@ from bmlseg.engine.evaluate import (
     split_cases,
     write_run_outputs,
 )
-from bmlseg.io import write_text_atomic
+from bmlseg.io import remove_path, write_text_atomic
 from bmlseg.labels.files import LabelOptionsError
 from bmlseg.models import build_model
 
@@ -171,17 +170,10 @@ def prepare_run_dir(run_dir: Path, settings: DictConfig) -> None:
     temporary files a killed run left (each up to a checkpoint's size)."""
     if settings.overwrite:
         for name in RUN_OUTPUTS:
-            path = run_dir / name
-            if path.is_dir():
-                shutil.rmtree(path)
-            else:
-                path.unlink(missing_ok=True)
+            remove_path(run_dir / name)
     leftovers = [*run_dir.glob(".tmp-*"), *(run_dir / "checkpoints").glob(".tmp-*")]
     for path in leftovers:
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
+        remove_path(path)
     if leftovers:
         log.info(
             "removed %d temporary file(s) of an interrupted run: %s",

@@ -7,7 +7,6 @@ subject (:func:`split_subjects`), and the realized reader-noise statistics writt
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -46,7 +45,7 @@ from bmlseg.data.synthetic.readers import (
     _tally,
 )
 from bmlseg.data.synthetic.render import _render_scan
-from bmlseg.io import Geometry, write_volume
+from bmlseg.io import Geometry, remove_path, write_volume
 
 
 def generate(
@@ -159,11 +158,7 @@ def _clear_root(root: Path, *, overwrite: bool) -> None:
             "labels included)"
         )
     for name in DATASET_ENTRIES:
-        path = root / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink(missing_ok=True)
+        remove_path(root / name)
 
 
 def split_subjects(n_subjects: int, seed: int) -> list[str]:
