@@ -196,7 +196,7 @@ def _train(cfg: DictConfig, run_dir: Path, context: distributed.Distributed) -> 
         ensure_labels(cfg, label_method)
     context.barrier()
     train_set = make_dataset(cfg, "train", label_method)
-    info = read_dataset_json(cfg.data.root)
+    info = train_set.info  # read and checked with the training set
     val_cases = split_cases(info, "val", settings.val_max_cases)
     config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     model = build_model(config["model"], config["loss"], train_set.num_classes).to(device)
