@@ -23,7 +23,12 @@ import SimpleITK as sitk
 from bmlseg.data.format import load_case, read_dataset_json
 from bmlseg.data.synthetic import generate as synthesize
 from bmlseg.labels import METHODS, KimrissOptions, rater_agreement
-from bmlseg.labels.kimriss import hyperintense, marrow_region, raise_from_neighbours
+from bmlseg.labels.kimriss import (
+    hyperintense,
+    marrow_region,
+    raise_from_neighbours,
+    rim_pixels,
+)
 
 
 def median_seconds(candidates: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
@@ -66,15 +71,17 @@ def main() -> None:
     shape = case.image.shape
     readers = case.record.readers
     agreement = rater_agreement(case.annotations, readers, shape, bone_labels, bones=case.bones)
-    region = marrow_region(case.bones, options.erode_px)
-    bright = hyperintense(case.image, case.bones, region, options)
+    spacing = case.geometry.spacing
+    rim = rim_pixels(options.erode_mm, spacing)
+    region = marrow_region(case.bones, rim)
+    bright = hyperintense(case.image, case.bones, region, options, spacing)
     probability = np.where(region, agreement, 0.0).astype(np.float32)
     steps = {
         "1 rater_agreement": lambda: rater_agreement(
             case.annotations, readers, shape, bone_labels, bones=case.bones
         ),
-        "2 marrow_region": lambda: marrow_region(case.bones, options.erode_px),
-        "3 hyperintense": lambda: hyperintense(case.image, case.bones, region, options),
+        "2 marrow_region": lambda: marrow_region(case.bones, rim),
+        "3 hyperintense": lambda: hyperintense(case.image, case.bones, region, options, spacing),
         "4 raise_from_neighbours": lambda: raise_from_neighbours(
             probability, bright, options.neighbour_weight
         ),

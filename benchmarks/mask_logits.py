@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bmlseg.data.grid import ModelGrid
 from bmlseg.data.instances import InstanceOptions
 from bmlseg.data.slices import SliceDataset, collate_detection
 from bmlseg.engine import checkpoint as checkpoints
@@ -36,7 +37,7 @@ def logit_stats(run_dir: Path) -> dict[str, float]:
         data["root"],
         "train",
         state["label_method"],
-        crop_size=data["crop_size"],
+        grid=ModelGrid.of(data),
         lesion_free_ratio=0.0,
         instances=InstanceOptions(**data["instances"]),
     )

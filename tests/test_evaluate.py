@@ -12,10 +12,12 @@ import torch
 from torch import Tensor, nn
 
 from bmlseg.data.format import load_case, read_dataset_json
+from bmlseg.data.grid import ModelGrid
 from bmlseg.engine.evaluate import InferenceSettings, evaluate_cases, infer_volume, split_cases
 from bmlseg.metrics import SCORE_GRID
 
 CROP = 64
+GRID = ModelGrid("PIR", 1.25, CROP)  # the small phantom's grid
 
 
 class StubDetector(nn.Module):
@@ -44,7 +46,7 @@ def evaluate(root: Path, score_threshold: float | None, model: nn.Module | None 
         model or StubDetector(),
         root,
         cases,
-        crop_size=CROP,
+        grid=GRID,
         device=torch.device("cpu"),
         settings=settings,
         preview_slices=2,
@@ -77,7 +79,13 @@ def test_the_chosen_threshold_is_the_best_of_the_fixed_ones(synthetic_root: Path
     case = load_case(synthetic_root, case_id)
     settings = InferenceSettings(chosen["score_threshold"], mask_threshold=0.5, batch_size=4)
     probability = infer_volume(
-        model, case.image, case.bones, crop_size=CROP, device=torch.device("cpu"), settings=settings
+        model,
+        case.image,
+        case.bones,
+        case.geometry,
+        grid=GRID,
+        device=torch.device("cpu"),
+        settings=settings,
     )
     np.testing.assert_array_equal(examples[0].probability, probability[int(index)])
     # infer_volume spares the mask head the detections under the threshold.

@@ -50,7 +50,7 @@ from bmlseg.labels.quality import instance_counts
 BONE_LABELS = {"femur": 1, "tibia": 2, "patella": 3}
 SHAPE = (5, 16, 16)
 # No smoothing, no erosion: each voxel's answer follows from its own value.
-EXACT = KimrissOptions(erode_px=0, smoothing_sigma=0.0, neighbour_weight=0.5, neighbour_rule="all")
+EXACT = KimrissOptions(erode_mm=0, smoothing_sigma_mm=0.0, neighbour_weight=0.5, neighbour_rule="all")
 
 
 def rectangle(reader: str, slice_: int, x0: int, y0: int, x1: int, y1: int, bone="femur"):
@@ -140,10 +140,14 @@ def test_outside_bone_is_zero():
 def test_rim_is_left_out_when_eroding():
     image, bones = femur_volume()
     agreement = np.ones(SHAPE, np.float32)
-    options = KimrissOptions(erode_px=1, smoothing_sigma=0.0, neighbour_weight=0.0)
-    label = kimriss_soft_label(image, bones, agreement, options)
+    options = KimrissOptions(erode_mm=1.0, smoothing_sigma_mm=0.0, neighbour_weight=0.0)
+    label = kimriss_soft_label(image, bones, agreement, options)  # 1 mm pixels: a 1-pixel rim
     assert label[2, 2, 5] == 0.0 and label[2, 13, 5] == 0.0
     assert label[2, 3, 5] == 1.0
+    # The rim is in mm: on 0.5 mm rows it is two rows wide.
+    label = kimriss_soft_label(image, bones, agreement, options, spacing=(1.0, 0.5, 3.0))
+    assert label[2, 3, 5] == 0.0 and label[2, 12, 5] == 0.0
+    assert label[2, 4, 5] == 1.0 and label[2, 3, 5:].max() == 0.0
 
 
 def test_hyperintense_voxel_in_a_rectangle_is_one():
@@ -151,7 +155,7 @@ def test_hyperintense_voxel_in_a_rectangle_is_one():
     image[2, 6, 6] = image[2, 12, 12] = 200.0
     agreement = np.zeros(SHAPE, np.float32)
     agreement[2, 4:9, 4:9] = 1 / 3
-    options = KimrissOptions(erode_px=0, smoothing_sigma=0.0, neighbour_weight=0.0)
+    options = KimrissOptions(erode_mm=0, smoothing_sigma_mm=0.0, neighbour_weight=0.0)
     label = kimriss_soft_label(image, bones, agreement, options)
     assert label[2, 6, 6] == 1.0  # bright, marked by one reader of three
     assert label[2, 5, 5] == pytest.approx(1 / 3)  # marrow, keeps the readers' share
@@ -178,7 +182,7 @@ def test_hyperintense_rule_raises_only_bright_neighbours():
     agreement = np.zeros(SHAPE, np.float32)
     agreement[2, 4:9, 4:9] = 1.0
     options = KimrissOptions(
-        erode_px=0, smoothing_sigma=0.0, neighbour_weight=0.5, neighbour_rule="hyperintense"
+        erode_mm=0, smoothing_sigma_mm=0.0, neighbour_weight=0.5, neighbour_rule="hyperintense"
     )
     label = kimriss_soft_label(image, bones, agreement, options)
     assert label[1, 5, 5] == 0.5
@@ -193,7 +197,7 @@ def test_connected_rule_raises_a_lesion_continued_but_not_bright_noise():
     image[3, 8, 8] = 200.0  # bright noise under slice 2's rectangle, on slice 3
     agreement = np.zeros(SHAPE, np.float32)
     agreement[2, 4:9, 4:9] = 1.0
-    options = KimrissOptions(erode_px=0, neighbour_weight=0.5)
+    options = KimrissOptions(erode_mm=0, neighbour_weight=0.5)
     assert options.neighbour_rule == "connected"
     label = kimriss_soft_label(image, bones, agreement, options)
     assert label[1, 5:7, 5:7].min() == 0.5 and np.count_nonzero(label[1]) == 4
@@ -209,10 +213,10 @@ def test_small_label_components_are_dropped():
     agreement = np.zeros(SHAPE, np.float32)
     agreement[2, 4:9, 4:9] = 1.0  # 25 voxels
     agreement[2, 12, 12] = 1.0  # 1 voxel
-    options = KimrissOptions(erode_px=0, neighbour_weight=0.0, min_component_mm3=8.0)
-    label = kimriss_soft_label(image, bones, agreement, options, voxel_mm3=0.5)
+    options = KimrissOptions(erode_mm=0, neighbour_weight=0.0, min_component_mm3=8.0)
+    label = kimriss_soft_label(image, bones, agreement, options, spacing=(0.5, 1.0, 1.0))
     assert label[2, 12, 12] == 0.0 and label[2, 4:9, 4:9].min() == 1.0
-    kept = kimriss_soft_label(image, bones, agreement, options, voxel_mm3=8.0)
+    kept = kimriss_soft_label(image, bones, agreement, options, spacing=(2.0, 2.0, 2.0))
     assert kept[2, 12, 12] == 1.0
 
 

@@ -19,6 +19,7 @@ from bmlseg.data.format import (
     write_annotations,
     write_dataset_json,
 )
+from bmlseg.data.grid import ModelGrid
 from bmlseg.data.instances import InstanceOptions, label_instances
 from bmlseg.data.slices import (
     SliceDataset,
@@ -34,6 +35,11 @@ from bmlseg.io import Geometry, read_volume, write_volume
 
 SHAPE = (12, 40, 48)  # [S, H, W]
 CROP = 32
+# Sagittal slices of 0.5 mm pixels, on the grid of the model they are cut for: nothing resampled.
+GEOMETRY = Geometry(
+    (0.5, 0.5, 3.0), (1.0, 2.0, 3.0), (0.0, 0.0, -1.0, 1.0, 0.0, 0.0, 0.0, -1.0, 0.0)
+)
+GRID = ModelGrid("PIR", 0.5, CROP)
 FEMUR, TIBIA = (slice(4, 18), slice(10, 40)), (slice(20, 36), slice(12, 38))  # rows, columns
 
 
@@ -71,7 +77,7 @@ def soft_label() -> np.ndarray:
 
 
 def write_folder(root: Path, case_ids: tuple[str, ...] = ("k000_t0",)) -> Path:
-    geometry = Geometry((0.5, 0.5, 3.0), (1.0, 2.0, 3.0), (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0))
+    geometry = GEOMETRY
     for index, case_id in enumerate(case_ids):
         image, bones, mask = knee_volumes(seed=index)
         write_volume(image_path(root, case_id), image, geometry)
@@ -90,7 +96,7 @@ def root(tmp_path_factory) -> Path:
 
 
 def dataset(root: Path, **options) -> SliceDataset:
-    options = {"crop_size": CROP, "lesion_free_ratio": 0.0, "instances": INSTANCES, **options}
+    options = {"grid": GRID, "lesion_free_ratio": 0.0, "instances": INSTANCES, **options}
     return SliceDataset(root, "train", label_volumes={"k000_t0": soft_label()}, **options)
 
 
@@ -173,7 +179,7 @@ def test_known_box_in_crop_pixels(root):
 
 def test_neighbour_channels_and_repeated_edges():
     image, bones, _ = knee_volumes()
-    slices = VolumeSlices(image, bones, CROP)
+    slices = VolumeSlices(image, bones, GEOMETRY, GRID, where="knee")
     assert len(slices) == SHAPE[0]
     for index in range(1, len(slices)):
         assert torch.equal(slices[index][0], slices[index - 1][1])
@@ -186,7 +192,7 @@ def test_neighbour_channels_and_repeated_edges():
 
 def test_dataset_channels_match_volume_slices(root):
     image, bones, _ = knee_volumes()
-    slices = VolumeSlices(image, bones, CROP)
+    slices = VolumeSlices(image, bones, GEOMETRY, GRID, where="knee")
     data = dataset(root)
     for index in range(len(data)):
         sample, target = data[index]
@@ -248,7 +254,7 @@ def test_per_bone_classes_take_the_bone_under_most_of_the_instance(root):
         root,
         "train",
         label_volumes={"k000_t0": label},
-        crop_size=48,
+        grid=ModelGrid("PIR", 0.5, 48),
         per_bone_classes=True,
         instances=INSTANCES,
     )
@@ -291,7 +297,7 @@ def test_crop_then_paste_is_identity_inside_the_crop(size):
 
 def test_volume_slices_paste_back_to_the_full_grid():
     image, bones, _ = knee_volumes()
-    slices = VolumeSlices(image, bones, CROP)
+    slices = VolumeSlices(image, bones, GEOMETRY, GRID, where="knee")
     probabilities = np.stack([slices[s][1].numpy() for s in range(len(slices))])
     pasted = slices.paste(probabilities)
     assert pasted.shape == SHAPE
@@ -314,27 +320,27 @@ def test_soft_labels_on_disk(root, tmp_path):
     geometry = read_volume(image_path(folder, "k000_t0"))[1]
     write_volume(softlabel_path(folder, "kimriss", "k000_t0"), soft_label(), geometry)
     from_disk = SliceDataset(
-        folder, "train", "kimriss", crop_size=CROP, lesion_free_ratio=0, instances=INSTANCES
+        folder, "train", "kimriss", grid=GRID, lesion_free_ratio=0, instances=INSTANCES
     )
     given = dataset(root)
     assert from_disk.samples == given.samples
     for index in range(len(given)):
         assert torch.equal(from_disk[index][1]["masks"], given[index][1]["masks"])
     with pytest.raises(FileNotFoundError, match=r"softlabels/staple/k000_t0\.nii\.gz"):
-        SliceDataset(folder, "train", "staple")
+        SliceDataset(folder, "train", "staple", grid=GRID)
     # A label off the image's grid is refused, the file and the field named.
     write_volume(softlabel_path(folder, "svls", "k000_t0"), soft_label(), Geometry.identity())
     with pytest.raises(DatasetError, match=r"softlabels/svls/k000_t0\.nii\.gz: spacing"):
-        SliceDataset(folder, "train", "svls")
+        SliceDataset(folder, "train", "svls", grid=GRID)
 
 
 def test_label_volume_of_the_wrong_shape_names_the_case(root):
     with pytest.raises(ValueError, match="case k000_t0: shape"):
-        SliceDataset(root, "train", label_volumes={"k000_t0": np.zeros((2, 3, 4))})
+        SliceDataset(root, "train", label_volumes={"k000_t0": np.zeros((2, 3, 4))}, grid=GRID)
 
 
 def test_without_labels_every_slice_is_a_sample(root):
-    data = SliceDataset(root, "train", crop_size=CROP)
+    data = SliceDataset(root, "train", grid=GRID)
     assert [s for _, s in data.samples] == list(range(SHAPE[0]))
     _, target = data[3]
     assert target["boxes"].shape == (0, 4) and target["masks"].shape == (0, CROP, CROP)
@@ -344,7 +350,7 @@ def test_without_labels_every_slice_is_a_sample(root):
 def test_collate_makes_lists_for_detection(tmp_path):
     folder = write_folder(tmp_path / "two", case_ids=("k000_t0", "k001_t0"))
     labels = {case_id: soft_label() for case_id in ("k000_t0", "k001_t0")}
-    data = SliceDataset(folder, "train", label_volumes=labels, crop_size=CROP, instances=INSTANCES)
+    data = SliceDataset(folder, "train", label_volumes=labels, grid=GRID, instances=INSTANCES)
     loader = DataLoader(data, batch_size=4, collate_fn=collate_detection)
     images, targets = next(iter(loader))
     assert len(images) == len(targets) == 4
@@ -363,7 +369,11 @@ def test_generated_folder_with_its_masks_as_labels(synthetic_root):
     }
     every_size = InstanceOptions(min_area_mm2=0.0)
     data = SliceDataset(
-        synthetic_root, "train", label_volumes=labels, crop_size=96, instances=every_size
+        synthetic_root,
+        "train",
+        label_volumes=labels,
+        grid=ModelGrid("PIR", 1.25, 96),
+        instances=every_size,
     )
     assert len(data) > 0
     for index in range(len(data)):

@@ -23,6 +23,7 @@ from bmlseg.data.synthetic import (
     NOISE_PRESETS,
     PAPER_TARGETS,
     PRESETS,
+    SAGITTAL_DIRECTION,
     ReaderNoise,
     generate,
     kimriss_grid,
@@ -56,7 +57,7 @@ def test_folder_round_trips_through_the_format_readers(synthetic_root: Path) -> 
         assert case.image.shape == case.bones.shape == case.mask.shape == SMALL.shape
         assert case.geometry.spacing == pytest.approx(SMALL.spacing)
         assert case.geometry.origin == (0.0, 0.0, 0.0)
-        assert case.geometry.direction == (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0)
+        assert case.geometry.direction == SAGITTAL_DIRECTION
         assert {row.reader for row in case.annotations} <= set(record.readers)
         assert set(np.unique(case.bones)) <= {0, 1, 2, 3}
         assert set(np.unique(case.mask)) <= {0, 1}

@@ -69,6 +69,8 @@ class DataConfig:
     """A dataset folder (see bmlseg.data.format) and how slices are cut from it."""
 
     root: str = MISSING
+    orientation: str = MISSING
+    spacing_mm: float = MISSING
     crop_size: int = MISSING
     mirror: bool = MISSING
     lesion_free_ratio: float = MISSING

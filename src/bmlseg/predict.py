@@ -29,9 +29,10 @@ from bmlseg.data.format import (
     bones_problems,
     image_problems,
 )
+from bmlseg.data.grid import ModelGrid
 from bmlseg.engine.distributed import resolve_device
 from bmlseg.engine.evaluate import InferenceSettings, infer_volume, load_for_inference
-from bmlseg.io import read_volume, write_text_atomic, write_volume
+from bmlseg.io import Geometry, read_volume, write_text_atomic, write_volume
 from bmlseg.metrics import bml_volume_ml
 
 
@@ -39,23 +40,35 @@ def predict_volume(
     model: nn.Module,
     image: np.ndarray,
     bones: np.ndarray,
-    crop_size: int,
+    geometry: Geometry,
+    grid: ModelGrid,
     settings: InferenceSettings,
     *,
     device: torch.device | str = "cpu",
+    where: str = "scan",
 ) -> np.ndarray:
-    """BML probability ``[S, H, W]`` float32 of one volume, at ``settings.score_threshold``.
+    """BML probability ``[S, H, W]`` float32 of one volume on its own grid, at
+    ``settings.score_threshold``.
 
     Args:
         model: an IMaskRCNN in eval mode (e.g. ``checkpoint.model_from_checkpoint``).
-        image: ``[S, H, W]`` intensities, sagittal slices on the first axis.
+        image: ``[S, H, W]`` intensities, in any orientation and pixel size: ``geometry`` says
+            which, and the volume is brought to the model's ``grid`` (the one it was trained on,
+            ``ModelGrid.of(checkpoint["config"]["data"])``) and the map back onto its own grid.
         bones: ``[S, H, W]`` bone labels (0 = background), same grid.
-        crop_size: the crop the model was trained on.
+        where: the scan's name in warnings.
     """
     if image.shape != bones.shape:
         raise ValueError(f"image {image.shape} and bones {bones.shape} must have the same shape")
     return infer_volume(
-        model, image, bones, crop_size=crop_size, device=torch.device(device), settings=settings
+        model,
+        image,
+        bones,
+        geometry,
+        grid=grid,
+        device=torch.device(device),
+        settings=settings,
+        where=where,
     )
 
 
@@ -95,8 +108,9 @@ def predict_file(
         score_threshold=score_threshold,
         mask_threshold=mask_threshold,
     )
+    grid = ModelGrid.of(state["config"]["data"])
     probability = predict_volume(
-        model, image, bones, state["config"]["data"]["crop_size"], settings, device=target
+        model, image, bones, geometry, grid, settings, device=target, where=str(input_path)
     )
     mask = probability >= settings.mask_threshold
     # Per-bone volumes under the names of the bones the model was trained on.

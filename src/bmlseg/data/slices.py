@@ -8,6 +8,9 @@ Conventions (docs/dataset.md has the long form):
 - Intensities are normalized once per volume: ``(v - median) / (IQR / 1.349)`` over the voxels
   inside the bones mask (1.349 makes the scale equal the standard deviation for Gaussian
   intensities). Bone is what every knee scan shares; fat, fluid and air around it vary.
+- Grid: every volume is first brought to the model's grid (bmlseg.data.grid): reoriented to its
+  orientation and resampled in-plane to its pixel size, so a crop holds the same millimetres of
+  every scan.
 - Crop: one box ``(y0, x0, y1, x1)`` (exclusive ends) of ``C x C`` pixels per volume, the same
   for every slice, centred on the bounding box of all bone voxels and kept inside the image
   where the image is large enough. Pixels of the box outside the image are padded with the
@@ -22,8 +25,10 @@ Conventions (docs/dataset.md has the long form):
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -40,12 +45,15 @@ from bmlseg.data.format import (
     softlabel_path,
     softlabel_problems,
 )
+from bmlseg.data.grid import ModelGrid, from_model_grid, to_model_grid
 from bmlseg.data.instances import InstanceOptions, label_instances, masks_to_boxes
-from bmlseg.io import read_volume
+from bmlseg.io import Geometry, read_volume
 from bmlseg.metrics import connected_instances
 
 # IQR of a standard normal distribution: IQR / 1.349 estimates the standard deviation.
 NORMAL_IQR = 1.349
+# Warn when more than this share of a volume's bone voxels lies outside its crop.
+BONE_OUTSIDE_CROP_WARNING = 0.05
 
 
 def normalize_volume(image: np.ndarray, bones: np.ndarray) -> np.ndarray:
@@ -82,6 +90,25 @@ def crop_box(bones: np.ndarray, crop_size: int) -> tuple[int, int, int, int]:
     y0 = _box_start(rows, height, crop_size)
     x0 = _box_start(columns, width, crop_size)
     return y0, x0, y0 + crop_size, x0 + crop_size
+
+
+def warn_if_crop_cuts_bone(
+    bones: np.ndarray, box: tuple[int, int, int, int], grid: ModelGrid, where: str
+) -> None:
+    """Warn when the crop ``box`` leaves out more than 5 % of the bone voxels of ``bones``
+    ``[S, H, W]``: the model sees no lesion there, and predicts none."""
+    bone = bones > 0
+    total = int(bone.sum())
+    y0, x0, y1, x1 = box
+    inside = int(bone[:, max(y0, 0) : max(y1, 0), max(x0, 0) : max(x1, 0)].sum())
+    if total and (total - inside) / total > BONE_OUTSIDE_CROP_WARNING:
+        warnings.warn(
+            f"{where}: the crop ({grid.crop_size} pixels of {grid.spacing_mm} mm = "
+            f"{grid.crop_mm:.0f} mm) leaves out {100 * (total - inside) / total:.0f} % of the "
+            "bone voxels, where nothing is predicted; a larger data.crop_size (or a model "
+            "trained with one) covers them",
+            stacklevel=2,
+        )
 
 
 def _box_start(occupied: np.ndarray, length: int, crop_size: int) -> int:
@@ -140,16 +167,43 @@ def stack_slices(volume: np.ndarray, index: int) -> np.ndarray:
 
 
 class VolumeSlices:
-    """Every slice of one volume as a model input, in order, for evaluation and prediction.
+    """Every slice of one volume on the model's grid, as model inputs, in order, for evaluation
+    and prediction.
 
-    ``slices[s]`` is the normalized, cropped ``[3, C, C]`` float32 tensor of slice ``s``;
-    :meth:`paste` puts ``[S, C, C]`` outputs back into the volume's ``[S, H, W]`` grid.
+    ``slices[s]`` is the normalized, cropped ``[3, C, C]`` float32 tensor of slice ``s`` of the
+    volume on the model's grid (bmlseg.data.grid), whose shape is ``slices.shape``;
+    :meth:`paste` puts ``[S, C, C]`` outputs back into that grid, and :meth:`to_source` maps a
+    volume on that grid onto the scan's own.
+
+    Args:
+        image: ``[S, H, W]`` raw intensities.
+        bones: ``[S, H, W]`` bone labels, same grid.
+        geometry: the scan's geometry.
+        truth: ``[S, H, W]`` ground truth to bring along, or None. ``slices.image``,
+            ``slices.bones`` and ``slices.truth`` hold the volumes on the model's grid.
+        where: the scan's name in warnings.
     """
 
-    def __init__(self, image: np.ndarray, bones: np.ndarray, crop_size: int) -> None:
-        normalized = normalize_volume(image, bones)
-        self.shape: tuple[int, int, int] = tuple(image.shape)
-        self.box = crop_box(bones, crop_size)
+    def __init__(
+        self,
+        image: np.ndarray,
+        bones: np.ndarray,
+        geometry: Geometry,
+        grid: ModelGrid,
+        *,
+        truth: np.ndarray | None = None,
+        where: str,
+    ) -> None:
+        volumes = {"image": image, "bones": bones} | ({"truth": truth} if truth is not None else {})
+        kinds = {"image": "linear", "bones": "nearest", "truth": "nearest"}
+        on_grid, self.placed = to_model_grid(volumes, kinds, geometry, grid, where=where)
+        self.image: np.ndarray = on_grid["image"]
+        self.bones: np.ndarray = on_grid["bones"]
+        self.truth: np.ndarray | None = on_grid.get("truth")
+        normalized = normalize_volume(on_grid["image"], self.bones)
+        self.shape: tuple[int, int, int] = tuple(normalized.shape)
+        self.box = crop_box(self.bones, grid.crop_size)
+        warn_if_crop_cuts_bone(self.bones, self.box, grid, where)
         self.crops = crop_volume(normalized, self.box, fill=float(normalized.min()))
 
     def __len__(self) -> int:
@@ -161,8 +215,12 @@ class VolumeSlices:
         return torch.from_numpy(np.ascontiguousarray(stack_slices(self.crops, index)))
 
     def paste(self, crops: np.ndarray, fill: float = 0) -> np.ndarray:
-        """``[S, C, C]`` -> ``[S, H, W]``, ``fill`` outside the crop."""
+        """``[S, C, C]`` -> ``[S, H, W]`` on the model's grid, ``fill`` outside the crop."""
         return paste_volume(crops, self.box, self.shape, fill)
+
+    def to_source(self, volume: np.ndarray, kind: Literal["linear", "nearest"]) -> np.ndarray:
+        """``volume`` ``[S, H, W]`` on the model's grid, mapped onto the scan's own grid."""
+        return from_model_grid(volume, self.placed, kind)
 
 
 @dataclass
@@ -185,7 +243,7 @@ class SliceDataset(Dataset):
     ``boxes`` float32 ``[N, 4]`` (x0, y0, x1, y1; exclusive ends, crop pixels),
     ``labels`` int64 ``[N]``, ``masks`` float32 ``[N, C, C]`` (soft values of each instance),
     ``case_id`` str, ``slice_index`` int, ``crop_box`` int64 ``[4]`` (y0, x0, y1, x1 in the
-    full slice), ``mirrored`` bool, and, for cases with a ``masks/`` ground truth,
+    full slice on the model's grid), ``mirrored`` bool, and, for cases with a ``masks/`` ground truth,
     ``truth_masks`` uint8 ``[K, C, C]`` and ``truth_boxes`` float32 ``[K, 4]``.
 
     Args:
@@ -194,7 +252,8 @@ class SliceDataset(Dataset):
         label_method: read soft labels from ``softlabels/<label_method>/<case>.nii.gz``.
         label_volumes: soft labels ``{case_id: [S, H, W]}`` given directly instead.
             With neither, targets hold no instances and every slice is a sample (inference).
-        crop_size: side ``C`` of the square crop.
+        grid: the model's grid (orientation, pixel size, crop side ``C``); every volume is
+            brought to it (bmlseg.data.grid).
         mirror: flip each sample horizontally with probability 1/2, drawn from
             ``(seed, epoch, index)``: reproducible with any number of workers, new each epoch
             (see :meth:`set_epoch`).
@@ -213,7 +272,7 @@ class SliceDataset(Dataset):
         label_method: str | None = None,
         *,
         label_volumes: dict[str, np.ndarray] | None = None,
-        crop_size: int = 320,
+        grid: ModelGrid,
         mirror: bool = False,
         lesion_free_ratio: float = 0.25,
         per_bone_classes: bool = False,
@@ -228,7 +287,7 @@ class SliceDataset(Dataset):
         records = self.info.split(split)
         if not records:
             raise ValueError(f"{self.root / 'dataset.json'}: no cases in split {split!r}")
-        self.crop_size = crop_size
+        self.grid = grid
         self.mirror = mirror
         self.per_bone_classes = per_bone_classes
         self.instance_options = instances or InstanceOptions()
@@ -304,16 +363,23 @@ class SliceDataset(Dataset):
                 f"soft label of case {case_id}: shape {label.shape} differs from its image's "
                 f"{case.image.shape}"
             )
-        normalized = normalize_volume(case.image, case.bones)
-        box = crop_box(case.bones, self.crop_size)
+        volumes = {"image": case.image, "bones": case.bones}
+        volumes |= {"label": label} if label is not None else {}
+        volumes |= {"truth": case.mask} if case.mask is not None else {}
+        kinds = {"image": "linear", "bones": "nearest", "label": "linear", "truth": "nearest"}
+        on_grid, placed = to_model_grid(volumes, kinds, case.geometry, self.grid, where=case_id)
+        normalized = normalize_volume(on_grid["image"], on_grid["bones"])
+        box = crop_box(on_grid["bones"], self.grid.crop_size)
+        warn_if_crop_cuts_bone(on_grid["bones"], box, self.grid, case_id)
+        cropped = {name: crop_volume(v, box) for name, v in on_grid.items() if name != "image"}
         return _CroppedCase(
             case_id=case_id,
             box=box,
             image=crop_volume(normalized, box, fill=float(normalized.min())),
-            bones=crop_volume(case.bones, box),
-            label=crop_volume(label, box) if label is not None else None,
-            truth=crop_volume(case.mask, box) if case.mask is not None else None,
-            pixel_area_mm2=case.geometry.spacing[0] * case.geometry.spacing[1],
+            bones=cropped["bones"],
+            label=cropped.get("label"),
+            truth=cropped.get("truth"),
+            pixel_area_mm2=placed.geometry.spacing[0] * placed.geometry.spacing[1],
         )
 
     def _choose_samples(self, lesion_free_ratio: float) -> list[tuple[int, int]]:
@@ -340,7 +406,7 @@ class SliceDataset(Dataset):
     ) -> dict[str, torch.Tensor]:
         """boxes [N, 4], labels [N], masks [N, C, C] from one cropped slice's soft label."""
         if label is None:
-            label = np.zeros((self.crop_size, self.crop_size), dtype=np.float32)
+            label = np.zeros((self.grid.crop_size, self.grid.crop_size), dtype=np.float32)
         boxes, masks = label_instances(label, self.instance_options, pixel_area_mm2)
         classes = np.ones(len(masks), dtype=np.int64)
         if self.per_bone_classes:

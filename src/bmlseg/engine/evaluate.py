@@ -1,8 +1,12 @@
 """Evaluation: a model over every slice of whole volumes, scored with bmlseg.metrics.
 
-Each volume is normalized and cropped as in training (bmlseg.data.slices.VolumeSlices), every
-slice goes through the model in batches, and the crop predictions are pasted back into the
-volume's grid, so the metrics see the full volume (outside the crop: no lesion).
+Each volume is brought to the model's grid, normalized and cropped as in training
+(bmlseg.data.slices.VolumeSlices), every slice goes through the model in batches, and the crop
+predictions are pasted back into the volume on the model's grid, so the metrics see the full
+volume (outside the crop: no lesion). Metrics are computed on the model's grid, against the
+ground truth resampled to it (nearest neighbour); on a dataset already on that grid (the phantom)
+nothing is resampled. A probability map for a scan (:func:`infer_volume`) is mapped back onto
+the scan's own grid.
 """
 
 from __future__ import annotations
@@ -29,10 +33,11 @@ from bmlseg.data.format import (
     mask_path,
     read_dataset_json,
 )
+from bmlseg.data.grid import ModelGrid
 from bmlseg.data.slices import VolumeSlices, paste_volume
 from bmlseg.engine import checkpoint as checkpoints
 from bmlseg.engine.distributed import autocast_dtype, resolve_device
-from bmlseg.io import atomic_path
+from bmlseg.io import Geometry, atomic_path
 from bmlseg.metrics import METRIC_KEYS, SCORE_GRID, VolumeMetrics, probability_maps
 from bmlseg.models import probability_map
 from bmlseg.summary import run_summary, write_summary
@@ -95,23 +100,29 @@ def infer_volume(
     model: nn.Module,
     image: np.ndarray,
     bones: np.ndarray,
+    geometry: Geometry,
     *,
-    crop_size: int,
+    grid: ModelGrid,
     device: torch.device,
     settings: InferenceSettings,
     precision: torch.dtype | None = None,
+    where: str = "scan",
 ) -> np.ndarray:
-    """The BML probability map ``[S, H, W]`` float32 of one volume (``model`` in eval mode).
+    """The BML probability map ``[S, H, W]`` float32 of one volume on its own grid (``model``
+    in eval mode).
 
     Args:
-        image: ``[S, H, W]`` raw intensities; normalized here as in training.
+        image: ``[S, H, W]`` raw intensities; brought to the model's ``grid`` and normalized
+            here as in training.
         bones: ``[S, H, W]`` bone labels; they place the crop and the normalization.
+        geometry: the scan's geometry (orientation and pixel size).
         settings: its score_threshold must be set.
+        where: the scan's name in warnings.
     """
     threshold = settings.score_threshold
     if threshold is None:
         raise ValueError("infer_volume: the probability map needs a score_threshold")
-    slices = VolumeSlices(image, bones, crop_size)
+    slices = VolumeSlices(image, bones, geometry, grid, where=where)
     crop_shape = slices.crops.shape[1:]
     probability = np.zeros((len(slices), *crop_shape), dtype=np.float32)
     # Detections under the threshold leave the map unchanged: the mask head is spared them.
@@ -119,7 +130,7 @@ def infer_volume(
         outputs = _model_outputs(model, slices, device, settings.batch_size, precision)
         for index, output in enumerate(outputs):
             probability[index] = probability_map(output, crop_shape, threshold).float().cpu()
-    return slices.paste(probability)
+    return slices.to_source(slices.paste(probability), "linear")
 
 
 def volume_detections(
@@ -165,7 +176,7 @@ def evaluate_cases(
     root: str | os.PathLike,
     cases: Sequence[str],
     *,
-    crop_size: int,
+    grid: ModelGrid,
     device: torch.device,
     settings: InferenceSettings,
     precision: torch.dtype | None = None,
@@ -199,13 +210,16 @@ def evaluate_cases(
                 f"{mask_path(root, case_id)}: missing; evaluating needs the pixelwise ground truth "
                 f"of every evaluated case"
             )
-        truth = case.mask > 0
+        slices = VolumeSlices(
+            case.image, case.bones, case.geometry, grid, truth=case.mask, where=case_id
+        )
+        truth = slices.truth > 0
         areas = truth.sum(axis=(1, 2))
         shown = np.argsort(-areas, kind="stable")[: min(2, preview_slices)].tolist()
         maps: dict[int, np.ndarray] = {}
         detections = volume_detections(
             model,
-            VolumeSlices(case.image, case.bones, crop_size),
+            slices,
             device=device,
             settings=settings,
             floor=floor,
@@ -215,15 +229,15 @@ def evaluate_cases(
             case_id,
             _keeping_maps(detections, shown, thresholds, maps),
             truth,
-            case.bones,
-            case.geometry.voxel_volume_ml,
+            slices.bones,
+            slices.placed.geometry.voxel_volume_ml,
             info.bones,
         )
         previews += [
             (
                 int(areas[index]),
                 f"{case_id} slice {index}",
-                case.image[index],
+                slices.image[index],
                 truth[index],
                 maps[index],
             )
@@ -375,7 +389,7 @@ def evaluate_checkpoint(
         model,
         root,
         cases,
-        crop_size=config["data"]["crop_size"],
+        grid=ModelGrid.of(config["data"]),
         device=target,
         settings=settings,
         precision=autocast_dtype(config["train"]["amp"], target) if target.type == "cuda" else None,

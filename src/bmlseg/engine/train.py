@@ -46,6 +46,7 @@ from tqdm import tqdm
 
 from bmlseg import labels as soft_labels
 from bmlseg.data.format import read_dataset_json
+from bmlseg.data.grid import ModelGrid
 from bmlseg.data.instances import InstanceOptions
 from bmlseg.data.slices import SliceDataset, collate_detection
 from bmlseg.engine import checkpoint as checkpoints
@@ -504,7 +505,7 @@ def evaluate_split(
         model,
         cfg.data.root,
         cases,
-        crop_size=cfg.data.crop_size,
+        grid=ModelGrid.of(cfg.data),
         device=device,
         settings=settings,
         precision=precision,
@@ -624,7 +625,7 @@ def make_dataset(cfg: DictConfig, split: str, label_method: str) -> SliceDataset
         data.root,
         split,
         label_method,
-        crop_size=data.crop_size,
+        grid=ModelGrid.of(data),
         mirror=data.mirror,
         lesion_free_ratio=data.lesion_free_ratio,
         per_bone_classes=data.per_bone_classes,

@@ -43,12 +43,13 @@ class KimrissOptions:
     preset, paper noise, seed 1), a different seed from the one reported in docs/labels.md.
 
     Attributes:
-        erode_px: pixels of the bone proxy mask's rim left out (in-plane, square footprint), so
-            bright cortex, cartilage and fluid next to the bone edge are not taken as BML; also
-            left out of the marrow statistics. 0 keeps the whole mask.
+        erode_mm: width (mm, in-plane) of the bone proxy mask's rim left out, rounded to whole
+            pixels along each axis (1.25 mm: one pixel of the small phantom, three of 0.36 mm
+            scans), so bright cortex, cartilage and fluid next to the bone edge are not taken as
+            BML; also left out of the marrow statistics. 0 keeps the whole mask.
         z_threshold: a voxel is hyperintense when (I - median) / (1.4826 * MAD) exceeds this,
             median and MAD taken over the marrow of the voxel's own bone in the whole volume.
-        smoothing_sigma: in-plane Gaussian sigma (pixels) applied to the image before the
+        smoothing_sigma_mm: in-plane Gaussian sigma (mm) applied to the image before the
             z-score, so single noisy pixels do not pass the threshold; 0 turns it off.
         neighbour_weight: step 4's factor w in p_s = max(p_s, w * max(p_{s-1}, p_{s+1})).
         neighbour_rule: where step 4 may raise a voxel: ``"connected"`` (hyperintense marrow
@@ -60,18 +61,18 @@ class KimrissOptions:
             smaller than this volume are set to 0; 0 keeps all.
     """
 
-    erode_px: int = 1
+    erode_mm: float = 1.25
     z_threshold: float = 2.5
-    smoothing_sigma: float = 0.0
+    smoothing_sigma_mm: float = 0.0
     neighbour_weight: float = 1.0
     neighbour_rule: str = "connected"
     min_component_mm3: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.erode_px < 0:
-            raise ValueError(f"erode_px must be >= 0, got {self.erode_px}")
-        if self.smoothing_sigma < 0:
-            raise ValueError(f"smoothing_sigma must be >= 0, got {self.smoothing_sigma}")
+        if self.erode_mm < 0:
+            raise ValueError(f"erode_mm must be >= 0, got {self.erode_mm}")
+        if self.smoothing_sigma_mm < 0:
+            raise ValueError(f"smoothing_sigma_mm must be >= 0, got {self.smoothing_sigma_mm}")
         if not 0.0 <= self.neighbour_weight <= 1.0:
             raise ValueError(f"neighbour_weight must lie in [0, 1], got {self.neighbour_weight}")
         if self.min_component_mm3 < 0:
@@ -82,15 +83,16 @@ class KimrissOptions:
             )
 
 
-def marrow_region(bones: np.ndarray, erode_px: int) -> np.ndarray:
-    """Bone voxels at least ``erode_px`` pixels in-plane from any other label: ``[S, H, W]`` bool.
+def marrow_region(bones: np.ndarray, rim_px: tuple[int, int]) -> np.ndarray:
+    """Bone voxels at least ``rim_px`` (rows, columns) pixels in-plane from any other label:
+    ``[S, H, W]`` bool.
 
     Each bone is eroded on its own, so the contact between two bones counts as a rim too.
     """
     inside = bones > 0
-    if erode_px == 0:
+    if rim_px == (0, 0):
         return inside
-    footprint = np.ones((1, 2 * erode_px + 1, 2 * erode_px + 1), dtype=bool)
+    footprint = np.ones((1, 2 * rim_px[0] + 1, 2 * rim_px[1] + 1), dtype=bool)
     lowest = ndimage.minimum_filter(bones, footprint=footprint, mode="nearest")
     highest = ndimage.maximum_filter(bones, footprint=footprint, mode="nearest")
     return inside & (lowest == bones) & (highest == bones)
@@ -116,12 +118,25 @@ def robust_z(image: np.ndarray, bones: np.ndarray, region: np.ndarray) -> np.nda
     return np.where(region, z, 0.0).astype(np.float32)
 
 
+def rim_pixels(erode_mm: float, spacing: tuple[float, float, float]) -> tuple[int, int]:
+    """``erode_mm`` in whole pixels (rows, columns) of a grid of ``spacing`` (x, y, z) mm."""
+    return round(erode_mm / spacing[1]), round(erode_mm / spacing[0])
+
+
 def hyperintense(
-    image: np.ndarray, bones: np.ndarray, region: np.ndarray, options: KimrissOptions
+    image: np.ndarray,
+    bones: np.ndarray,
+    region: np.ndarray,
+    options: KimrissOptions,
+    spacing: tuple[float, float, float],
 ) -> np.ndarray:
     """Marrow voxels brighter than their bone's marrow by ``z_threshold``: ``[S, H, W]`` bool."""
-    if options.smoothing_sigma > 0:
-        sigma = (0.0, options.smoothing_sigma, options.smoothing_sigma)
+    if options.smoothing_sigma_mm > 0:
+        sigma = (
+            0.0,
+            options.smoothing_sigma_mm / spacing[1],
+            options.smoothing_sigma_mm / spacing[0],
+        )
         image = ndimage.gaussian_filter(image.astype(np.float32), sigma=sigma, mode="nearest")
     return robust_z(image, bones, region) > options.z_threshold
 
@@ -166,7 +181,7 @@ def kimriss_soft_label(
     bones: np.ndarray,
     agreement: np.ndarray,
     options: KimrissOptions | None = None,
-    voxel_mm3: float = 1.0,
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0),
 ) -> np.ndarray:
     """Steps 2-4 on the readers' ``agreement`` (step 1): ``[S, H, W]`` float32 in [0, 1].
 
@@ -175,7 +190,7 @@ def kimriss_soft_label(
         bones: ``[S, H, W]`` integer bone proxy labels, 0 background.
         agreement: ``[S, H, W]`` share of readers covering each voxel, from ``rater_agreement``.
         options: the pipeline's constants; defaults when None.
-        voxel_mm3: volume of one voxel, for ``min_component_mm3``.
+        spacing: the voxels' (x, y, z) size in mm, for the options given in mm.
     """
     options = options or KimrissOptions()
     if not image.shape == bones.shape == agreement.shape:
@@ -183,9 +198,9 @@ def kimriss_soft_label(
             f"image {image.shape}, bones {bones.shape} and agreement {agreement.shape} must "
             "have the same shape [S, H, W]"
         )
-    region = marrow_region(bones, options.erode_px)
+    region = marrow_region(bones, rim_pixels(options.erode_mm, spacing))
     probability = np.where(region, agreement, 0.0).astype(np.float32)
-    bright = hyperintense(image, bones, region, options)
+    bright = hyperintense(image, bones, region, options, spacing)
     marked_bright = bright & (probability > 0)
     probability[marked_bright] = 1.0
     if options.neighbour_rule == "connected":
@@ -196,6 +211,7 @@ def kimriss_soft_label(
         allowed = region
     probability = raise_from_neighbours(probability, allowed, options.neighbour_weight)
     if options.min_component_mm3 > 0:
+        voxel_mm3 = float(np.prod(spacing))
         probability = drop_small_components(probability, options.min_component_mm3 / voxel_mm3)
     return probability
 
@@ -210,7 +226,7 @@ def kimriss_label(case: Case, bone_labels: dict[str, int], **options) -> np.ndar
         case.bones,
         agreement,
         KimrissOptions(**options),
-        voxel_mm3=case.geometry.voxel_volume_ml * 1000.0,
+        spacing=case.geometry.spacing,
     )
 
 

@@ -12,10 +12,13 @@ lesion, one annotation row per cell. :class:`ReaderNoise` says how they err (mis
 extents one cell off, false-positive cells); its presets are ``clean``, ``paper`` and ``heavy``.
 
 All lengths are in mm in a centred anatomical frame: x runs anterior (left of the image) to
-posterior, y superior (top row) to inferior, z across the slices (medial to lateral).
+posterior, y superior (top row) to inferior, z across the slices (medial to lateral). The
+volumes carry that as their direction matrix (:data:`SAGITTAL_DIRECTION`, orientation code PIR
+for a right knee), so viewers show them as sagittal slices.
 """
 
 from bmlseg.data.synthetic.dataset import (
+    SAGITTAL_DIRECTION,
     format_statistics,
     generate,
     noise_statistics,
@@ -39,6 +42,7 @@ __all__ = [
     "PAPER_TARGETS",
     "PRESETS",
     "Preset",
+    "SAGITTAL_DIRECTION",
     "ReaderNoise",
     "format_statistics",
     "generate",

@@ -47,6 +47,11 @@ from bmlseg.data.synthetic.readers import (
 from bmlseg.data.synthetic.render import _render_scan
 from bmlseg.io import Geometry, remove_path, write_volume
 
+# The phantom's axes in LPS coordinates (columns of a row-major matrix): columns run anterior to
+# posterior (+P), rows superior to inferior (-S), slices medial to lateral of a right knee (-L).
+# Sagittal slices, orientation code PIR, as viewers then show them.
+SAGITTAL_DIRECTION = (0.0, 0.0, -1.0, 1.0, 0.0, 0.0, 0.0, -1.0, 0.0)
+
 
 def generate(
     root: str | os.PathLike,
@@ -77,7 +82,7 @@ def generate(
     reader_noise = _resolve(noise, NOISE_PRESETS, "noise")
     root = Path(root)
     _clear_root(root, overwrite=overwrite)
-    geometry = Geometry.identity((phantom.spacing[0], phantom.spacing[1], phantom.spacing[2]))
+    geometry = Geometry(phantom.spacing, (0.0, 0.0, 0.0), SAGITTAL_DIRECTION)
     traits = _reader_traits(seed, reader_noise)
     splits = split_subjects(n_subjects, seed)
 
