@@ -50,7 +50,9 @@ from bmlseg.labels.quality import instance_counts
 BONE_LABELS = {"femur": 1, "tibia": 2, "patella": 3}
 SHAPE = (5, 16, 16)
 # No smoothing, no erosion: each voxel's answer follows from its own value.
-EXACT = KimrissOptions(erode_mm=0, smoothing_sigma_mm=0.0, neighbour_weight=0.5, neighbour_rule="all")
+EXACT = KimrissOptions(
+    erode_mm=0, smoothing_sigma_mm=0.0, neighbour_weight=0.5, neighbour_rule="all"
+)
 
 
 def rectangle(reader: str, slice_: int, x0: int, y0: int, x1: int, y1: int, bone="femur"):
