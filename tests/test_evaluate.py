@@ -1,8 +1,10 @@
 """bmlseg.engine.evaluate with a stub model whose detections are known: the score floor, the
-threshold chosen on the evaluated cases, and the probability map shown and predicted."""
+threshold chosen on the evaluated cases, the probability map shown and predicted, and the
+reference scored against (masks/ or a label's confident cores)."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -11,10 +13,20 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from bmlseg.data.format import load_case, read_dataset_json
+from bmlseg.data.format import load_case, read_dataset_json, softlabel_path
 from bmlseg.data.grid import ModelGrid
-from bmlseg.engine.evaluate import InferenceSettings, evaluate_cases, infer_volume, split_cases
-from bmlseg.metrics import SCORE_GRID
+from bmlseg.data.instances import InstanceOptions, label_instances, masks_to_boxes
+from bmlseg.engine.evaluate import (
+    TRUTH,
+    InferenceSettings,
+    Reference,
+    evaluate_cases,
+    infer_volume,
+    split_cases,
+)
+from bmlseg.io import read_volume
+from bmlseg.labels import generate
+from bmlseg.metrics import SCORE_GRID, connected_instances, connected_lesions
 
 CROP = 64
 GRID = ModelGrid("PIR", 1.25, CROP)  # the small phantom's grid
@@ -39,7 +51,12 @@ class StubDetector(nn.Module):
         return [{"masks": masks[kept], "scores": scores[kept]} for _ in images]
 
 
-def evaluate(root: Path, score_threshold: float | None, model: nn.Module | None = None):
+def evaluate(
+    root: Path,
+    score_threshold: float | None,
+    model: nn.Module | None = None,
+    reference: Reference = TRUTH,
+):
     cases = split_cases(read_dataset_json(root), "test")
     settings = InferenceSettings(score_threshold=score_threshold, mask_threshold=0.5, batch_size=4)
     return evaluate_cases(
@@ -50,6 +67,7 @@ def evaluate(root: Path, score_threshold: float | None, model: nn.Module | None 
         device=torch.device("cpu"),
         settings=settings,
         preview_slices=2,
+        reference=reference,
     )
 
 
@@ -90,3 +108,36 @@ def test_the_chosen_threshold_is_the_best_of_the_fixed_ones(synthetic_root: Path
     np.testing.assert_array_equal(examples[0].probability, probability[int(index)])
     # infer_volume spares the mask head the detections under the threshold.
     assert model.floors[-1] == chosen["score_threshold"]
+
+
+def test_without_masks_the_reference_is_the_instances_training_cuts(synthetic_root, tmp_path):
+    root = Path(shutil.copytree(synthetic_root, tmp_path / "data"))
+    shutil.rmtree(root / "masks")
+    cases = split_cases(read_dataset_json(root), "test")
+    generate(root, "kimriss", cases=cases)
+    with pytest.raises(FileNotFoundError, match=rf"{root}/masks/{cases[0]}.nii.gz: missing"):
+        evaluate(root, 0.5)
+
+    options = InstanceOptions(threshold=0.5, min_area_mm2=8.0)
+    reference = Reference("kimriss", options)
+    assert str(reference) == "labels:kimriss>=0.5,area>=8mm2"
+    lesions = 0
+    for case_id in cases:
+        case = load_case(root, case_id)
+        label, _ = read_volume(softlabel_path(root, "kimriss", case_id))
+        volume = reference.volume(root, case)
+        pixel_area = case.geometry.spacing[0] * case.geometry.spacing[1]
+        # Slice by slice, the reference's components are the cores training boxes.
+        for index in range(len(label)):
+            boxes, _ = label_instances(label[index], options, pixel_area)
+            found = masks_to_boxes(connected_instances(volume[index]))
+            assert sorted(map(tuple, found)) == sorted(map(tuple, boxes)), (case_id, index)
+        # Speckle under the minimum area is left out; without a minimum the cut is the label's.
+        assert volume.sum() < (label >= 0.5).sum()
+        whole = Reference("kimriss", InstanceOptions(threshold=0.5, min_area_mm2=0.0))
+        np.testing.assert_array_equal(whole.volume(root, case), label >= 0.5)
+        lesions += connected_lesions(volume)[1]
+
+    scores, examples = evaluate(root, 0.5, reference=reference)
+    assert lesions > 0 and scores["n_lesions"] == lesions
+    assert len(examples) == 2 and all(example.truth.any() for example in examples)

@@ -112,9 +112,41 @@ def test_good_folder_has_no_problems_and_check_writes_nothing(good_root):
 def test_cli_prints_an_ok_summary_for_a_good_folder(good_root, capsys):
     assert main_check([str(good_root)]) == 0
     output = capsys.readouterr().out.strip().splitlines()
-    assert len(output) == 1
+    assert len(output) == 2
     assert output[0].startswith(f"OK {good_root}: 3 cases (2 train, 0 val, 1 test), 2 subjects")
     assert "4 annotations" in output[0] and "soft labels: kimriss" in output[0]
+    assert output[1] == (
+        "masks/: 3 of 3 cases (val 0/0, test 1/1): no val split: bmlseg-train refuses the folder "
+        "(validation chooses best.pt); test metrics against the pixelwise truth"
+    )
+
+
+def test_check_says_what_a_folder_without_masks_is_evaluated_against(root, capsys):
+    def splits(raw):
+        raw["cases"][1].update(subject="s002", split="test")
+        raw["cases"][2].update(split="val")
+
+    edit_json(root, splits)
+    assert main_check([str(root)]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[1] == (
+        "masks/: 3 of 3 cases (val 1/1, test 1/1): validation selects against the pixelwise "
+        "truth; test metrics against the pixelwise truth"
+    )
+    # The val case loses its mask: validation falls back to the labels; the test keeps truth.
+    mask_path(root, "s001_t0").unlink()
+    main_check([str(root)])
+    assert capsys.readouterr().out.strip().splitlines()[1] == (
+        "masks/: 2 of 3 cases (val 0/1, test 1/1): validation selects against the soft labels' "
+        "confident cores; test metrics against the pixelwise truth"
+    )
+    # Rectangles only: no metric against pixelwise truth at all.
+    shutil.rmtree(root / "masks")
+    assert main_check([str(root)]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[1] == (
+        "masks/: 0 of 3 cases (val 0/1, test 0/1): validation selects against the soft labels' "
+        "confident cores; no test metrics against pixelwise truth (bmlseg-train scores the test "
+        "split against the soft labels' confident cores)"
+    )
 
 
 def test_problem_reads_where_colon_what():

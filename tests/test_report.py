@@ -93,6 +93,8 @@ def test_write_report_files(tmp_path):
     }
     markdown = paths["md"].read_text(encoding="utf-8")
     assert "| Method | BCE | SCE | RCE |" in markdown
+    # Summaries without a reference were written before it was recorded: all against masks/.
+    assert "\n\nScored against the pixelwise truth (masks/).\n\n" in markdown
     baseline_line = next(line for line in markdown.splitlines() if "baseline_bce" in line)
     # AP50 of the baseline runs: 0.10 and 0.14 -> 12.0 ± 2.8 %; Dice 0.18 and 0.22 -> 0.20 ± 0.03.
     assert "| 12.0 ± 2.8 |" in baseline_line
@@ -257,3 +259,35 @@ def test_a_folder_that_cannot_be_made_is_named_not_a_traceback(tmp_path, capsys)
     error = capsys.readouterr().err
     assert error.startswith(f"bmlseg-report: error: cannot write the report into {tmp_path}")
     assert error.endswith("; choose another folder with --out\n")
+
+
+def set_reference(sweep: Path, reference: str, runs: range) -> None:
+    for index in runs:
+        path = sweep / str(index) / "summary.json"
+        summary = json.loads(path.read_text(encoding="utf-8"))
+        path.write_text(json.dumps({**summary, "reference": reference}), encoding="utf-8")
+
+
+def test_runs_scored_against_different_references_are_refused(tmp_path, capsys):
+    labels = "labels:kimriss>=0.5,area>=8mm2"
+    sweep = write_sweep(tmp_path)
+    set_reference(sweep, labels, range(1))
+    with pytest.raises(ValueError, match="scored against different references"):
+        table(collect(sweep))
+    assert main_report([str(sweep)]) == 1
+    assert capsys.readouterr().err == (
+        f"bmlseg-report: error: the runs were scored against different references: {labels} "
+        f"(e.g. {sweep}/0/summary.json); truth (e.g. {sweep}/1/summary.json); their metrics are "
+        "not comparable: report the runs of each reference separately\n"
+    )
+    assert not (sweep / "report.md").exists()
+
+    # All against the labels: reported, and the report says what the figures measure.
+    set_reference(sweep, labels, range(len(RUNS)))
+    paths = write_report(sweep)
+    markdown = paths["md"].read_text(encoding="utf-8")
+    assert f"Scored against `{labels}`: the confident cores of soft labels, not pixelwise" in (
+        markdown
+    )
+    with paths["csv"].open(encoding="utf-8") as handle:
+        assert {row["reference"] for row in csv.DictReader(handle)} == {labels}

@@ -1,5 +1,6 @@
 """Training runs end to end on a tiny synthetic dataset: outputs, resume, the non-finite guard,
-DDP, and the console scripts that read a run (bmlseg-eval, bmlseg-predict, bmlseg-report)."""
+DDP, datasets without pixelwise truth, and the console scripts that read a run (bmlseg-eval,
+bmlseg-predict, bmlseg-report)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import yaml
 from hydra import compose, initialize_config_module
 
 from bmlseg.config import register_configs
+from bmlseg.data.format import read_dataset_json
 from bmlseg.engine import checkpoint as checkpoints
 from bmlseg.engine.distributed import setup
 from bmlseg.engine.train import NonFiniteLossError, resume, train
@@ -34,6 +36,8 @@ LABELS_OF_KIND = {"binary": "kimriss_hard", "soft": "kimriss", "truth": "truth"}
 SUMMARY_KEYS = {*METRIC_KEYS, "score_threshold"}
 # Tiny runs: 64-pixel crops, 2 steps, one validation and one test volume.
 TINY = ["train=smoke", "data.crop_size=64"]
+# What a run without pixelwise truth is scored against: kimriss's cores, cut as its instances.
+KIMRISS_CORES = "labels:kimriss>=0.5,area>=8mm2"
 
 pytestmark = pytest.mark.slow
 
@@ -101,8 +105,11 @@ def test_each_preset_of_a_sweep_writes_every_run_output(sweep: Path):
             assert state["step"] == 2
             assert state["config"]["loss"]["name"] == name
             assert state["best"]["score_threshold"] == chosen
+            # Every case has masks/: validated against the pixelwise truth.
+            assert state["best"]["reference"] == "truth"
         summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
         assert SUMMARY_KEYS <= summary.keys()
+        assert summary["reference"] == "truth"
         assert summary["score_threshold"] == chosen
         assert summary["loss"]["name"] == name
         assert summary["label_method"] == LABELS_OF_KIND[summary["loss"]["label_kind"]]
@@ -397,3 +404,71 @@ def test_optuna_search_over_loss_weights_runs_two_trials(dataset: Path, tmp_path
     assert all(0 <= trial[name] <= 2 for trial in weights for name in ("bce", "sce", "rce"))
     for path in sweep.rglob("*.pt"):
         path.unlink()
+
+
+@pytest.fixture
+def rectangles_only(synthetic_root: Path, tmp_path: Path) -> Path:
+    """The synthetic dataset without masks/: the readers' rectangles are all there is."""
+    root = Path(shutil.copytree(synthetic_root, tmp_path / "data"))
+    shutil.rmtree(root / "masks")
+    return root
+
+
+def test_a_dataset_without_masks_trains_against_the_labels_confident_cores(
+    hydra_conf, rectangles_only: Path, tmp_path
+):
+    # A binary loss trains on kimriss_hard; every run is scored against labels.method's cores.
+    run_dir = tmp_path / "run"
+    train(tiny_config(rectangles_only, "loss=baseline_bce"), run_dir)
+    assert {path.name for path in (rectangles_only / "softlabels").iterdir()} == {
+        "kimriss",
+        "kimriss_hard",
+    }
+    with (run_dir / "metrics.csv").open(encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [int(row["step"]) for row in rows] == [2]
+    best = checkpoints.load(run_dir / "checkpoints" / "best.pt")["best"]
+    assert best["reference"] == KIMRISS_CORES
+    assert best["score_threshold"] == float(rows[0]["val_score_threshold"])
+    summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+    assert summary["reference"] == KIMRISS_CORES and summary["best"] == best
+    # The test case's reference holds lesions: its metrics are defined, not all NaN.
+    assert summary["n_lesions"] > 0 and math.isfinite(summary["volume_mae_ml"])
+    assert (run_dir / "predictions.png").stat().st_size > 0
+
+
+def test_a_run_that_cannot_validate_stops_before_labels_or_model(
+    hydra_conf, rectangles_only: Path, tmp_path
+):
+    val_case = read_dataset_json(rectangles_only).split("val")[0].id
+    with pytest.raises(
+        ValueError,
+        match=(
+            "train.validate_against=truth, but 1 of 1 validation cases have no pixelwise "
+            f"truth \\(e.g. {rectangles_only}/masks/{val_case}.nii.gz is missing\\); set "
+            "train.validate_against=auto or labels to validate against labels:kimriss"
+        ),
+    ):
+        train(tiny_config(rectangles_only, "train.validate_against=truth"), tmp_path / "truth")
+    # No val split: refused up front too, naming dataset.json and the split.
+    path = rectangles_only / "dataset.json"
+    path.write_text(path.read_text(encoding="utf-8").replace('"val"', '"train"'), encoding="utf-8")
+    with pytest.raises(ValueError, match=f"^{path}: no case in split 'val' \\(validation chooses"):
+        train(tiny_config(rectangles_only), tmp_path / "no_val")
+    assert not (rectangles_only / "softlabels").exists()
+    assert not (tmp_path / "truth").exists() and not (tmp_path / "no_val").exists()
+
+
+def test_validating_against_labels_is_recorded_and_never_mixed_on_resume(
+    hydra_conf, dataset: Path, tmp_path
+):
+    # Asked for on a dataset with masks: validation against the labels, the test against truth.
+    train(tiny_config(dataset, "train.validate_against=labels"), tmp_path)
+    assert checkpoints.load(tmp_path / "checkpoints" / "best.pt")["best"]["reference"] == (
+        KIMRISS_CORES
+    )
+    summary = json.loads((tmp_path / "summary.json").read_text(encoding="utf-8"))
+    assert summary["reference"] == "truth" and summary["best"]["reference"] == KIMRISS_CORES
+    # Resumed against the truth, its best value would compare two references: refused.
+    with pytest.raises(ValueError, match=f"its best.pt was chosen against {KIMRISS_CORES}, this"):
+        train(tiny_config(dataset, "train.steps=3", "train.resume=true"), tmp_path)

@@ -64,6 +64,15 @@ class BestMetric(str, Enum):
     ap50 = "ap50"
 
 
+class ValidateAgainst(str, Enum):
+    """What validation scores against: ``truth`` (masks/), ``labels`` (the confident cores of
+    ``labels.method``), or ``auto`` (truth when every validation case has masks/, else labels)."""
+
+    auto = "auto"
+    truth = "truth"
+    labels = "labels"
+
+
 @dataclass
 class DataConfig:
     """A dataset folder (see bmlseg.data.format) and how slices are cut from it."""
@@ -149,6 +158,7 @@ class TrainConfig:
     eval_every: int = MISSING
     checkpoint_every: int = MISSING
     best_metric: BestMetric = MISSING
+    validate_against: ValidateAgainst = MISSING
     amp: Amp = MISSING
     device: str = MISSING
     resume: bool = MISSING

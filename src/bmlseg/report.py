@@ -5,7 +5,9 @@ multirun folders: e.g. a new sweep beside the one with its baseline), groups the
 configuration (loss name, loss weights, normalization, label kind, label method), and gives the
 mean and sample standard deviation of each metric over the seeds that have it (an undefined
 metric, NaN, is left out and the count of seeds shown). It writes ``report.md``, ``report.csv``
-and ``report.png`` (into the one DIR, or ``--out``).
+and ``report.png`` (into the one DIR, or ``--out``). Every run must have been scored against
+the same reference (summary.json's ``reference``: the pixelwise truth, or a label method's
+confident cores on a dataset without it); the report says which, and refuses a mix.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from bmlseg.summary import NUMERIC_LOSS_KEYS, read_summary
 
 __all__ = [
     "collect",
+    "common_reference",
     "main_report",
     "markdown_table",
     "paired",
@@ -132,6 +135,25 @@ def _table_order(configuration: tuple) -> tuple:
     return (rank, *configuration)
 
 
+def common_reference(rows: Sequence[dict[str, Any]]) -> str:
+    """The reference (summary.json's ``reference``) every run was scored against.
+
+    Raises:
+        ValueError: runs scored against different references (metrics against the pixelwise
+            truth and against soft labels are not comparable), naming a summary of each.
+    """
+    examples: dict[str, str] = {}
+    for row in rows:
+        examples.setdefault(row["reference"], row["summary_path"])
+    if len(examples) > 1:
+        listed = "; ".join(f"{reference} (e.g. {path})" for reference, path in examples.items())
+        raise ValueError(
+            f"the runs were scored against different references: {listed}; their metrics are "
+            "not comparable: report the runs of each reference separately"
+        )
+    return next(iter(examples))
+
+
 def table(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Group runs by configuration; mean and std of each metric over the group's runs.
 
@@ -143,9 +165,13 @@ def table(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
     Returns:
         One dict per configuration: method, bce, sce, rce, mae, other_terms, normalized, label_kind,
-        label_method, n, seeds, runs (the rows themselves), and <metric>_mean, <metric>_std,
-        <metric>_n for each metric.
+        label_method, reference, n, seeds, runs (the rows themselves), and <metric>_mean,
+        <metric>_std, <metric>_n for each metric.
+
+    Raises:
+        ValueError: the runs were scored against different references (common_reference).
     """
+    reference = common_reference(rows)
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for row in rows:
         groups.setdefault(_configuration(row), []).append(row)
@@ -163,6 +189,7 @@ def table(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             "normalized": normalized,
             "label_kind": label_kind,
             "label_method": label_method,
+            "reference": reference,
             "n": len(members),
             "seeds": sorted(member["seed"] for member in members),
             "runs": members,
@@ -394,6 +421,7 @@ def write_report(
         raise ValueError(f"{len(directories)} folders: say where the report goes (--out)")
     rows = collect(*directories)
     entries = table(rows)
+    reference = entries[0]["reference"]
     comparison = paired(entries)
     out_dir = Path(directories[0] if out_dir is None else out_dir)
     below = ", ".join(f"`{directory}`" for directory in directories)
@@ -403,6 +431,7 @@ def write_report(
         "error as mean absolute error in mL; mean ± sample std over the n runs of a "
         "configuration when n > 1. A run whose metric is undefined (NaN) is left out of that "
         "mean, and (k/n) says that k of the n runs have it.\n\n"
+        f"{_reference_sentence(reference)}\n\n"
     )
     text = heading + markdown_table(entries)
     if comparison:
@@ -421,6 +450,16 @@ def write_report(
         "png": _save_figure_atomic(_figure(entries), out_dir / "report.png"),
         "seeds_png": _save_figure_atomic(_seeds_figure(entries), out_dir / "report_seeds.png"),
     }
+
+
+def _reference_sentence(reference: str) -> str:
+    if reference == "truth":
+        return "Scored against the pixelwise truth (masks/)."
+    return (
+        f"Scored against `{reference}`: the confident cores of soft labels, not pixelwise truth "
+        "(the test cases have no masks/). The figures measure agreement with the labels made "
+        "from the readers' rectangles, not accuracy."
+    )
 
 
 def main_report(argv: Sequence[str] | None = None) -> int:

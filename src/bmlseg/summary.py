@@ -4,7 +4,9 @@ One file per evaluated run (nnU-Net keeps one per evaluation too)::
 
     {<every key of bmlseg.metrics.METRIC_KEYS>: number (NaN when undefined),
      "score_threshold", "volume_mae_ml_<bone>", "n_volumes", "n_lesions", ...: numbers,
-     "split", "loss": the whole loss config, "label_method", "seed", "run_dir",
+     "split", "reference": what the metrics are scored against ("truth": masks/; or e.g.
+     "labels:kimriss>=0.5,area>=8mm2": a label method's confident cores),
+     "loss": the whole loss config, "label_method", "seed", "run_dir",
      "model": the model config, "data_root", "crop_size", "steps", "checkpoint_step",
      "best": the best validation of the checkpoint, "wall_time_s"}
 
@@ -37,14 +39,17 @@ def run_summary(
     run_dir: Path,
     seed: int,
     split: str,
+    reference: str,
     steps: int,
     wall_time_s: float,
 ) -> dict[str, Any]:
-    """The summary of ``checkpoint`` scored on ``split``: the scores and what was trained."""
+    """The summary of ``checkpoint`` scored on ``split`` against ``reference``: the scores and
+    what was trained."""
     config = checkpoint["config"]
     return {
         **scores,
         "split": split,
+        "reference": reference,
         "loss": dict(config["loss"]),
         "label_method": checkpoint["label_method"],
         "seed": seed,
@@ -65,7 +70,8 @@ def write_summary(path: str | os.PathLike, summary: dict[str, Any]) -> Path:
 
 
 def read_summary(path: str | os.PathLike) -> dict[str, Any]:
-    """A summary.json, checked for what the report needs, with ``summary_path`` added.
+    """A summary.json, checked for what the report needs, with ``summary_path`` added (and
+    ``reference`` "truth" where an older file lacks it).
 
     Raises:
         ValueError: not JSON, not an object, a required key missing or not a number; the
@@ -91,7 +97,10 @@ def read_summary(path: str | os.PathLike) -> dict[str, Any]:
         _check_number(summary[key], path, key)
     for key in NUMERIC_LOSS_KEYS:
         _check_number(loss[key], path, f"loss.{key}")
-    return {**summary, "summary_path": str(path)}
+    if not isinstance(summary.get("reference", ""), str):
+        raise ValueError(f"{path}: 'reference' must be a string, got {summary['reference']!r}")
+    # Summaries written before the reference was recorded were all scored against masks/.
+    return {"reference": "truth", **summary, "summary_path": str(path)}
 
 
 def _check_number(value: Any, path: Path, key: str) -> None:

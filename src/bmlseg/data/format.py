@@ -746,14 +746,45 @@ def main_check(argv: Sequence[str] | None = None) -> int:
 
 
 def _summary(root: Path) -> str:
+    """The OK line of a valid folder, and a line saying which evaluations it supports."""
     info = read_dataset_json(root)
     splits = ", ".join(f"{len(info.split(split))} {split}" for split in SPLITS)
     subjects = len({record.subject for record in info.cases})
     readers = len({reader for record in info.cases for reader in record.readers})
-    masks = sum(mask_path(root, record.id).exists() for record in info.cases)
     methods = sorted(path.name for path in (root / "softlabels").glob("*") if path.is_dir())
     return (
         f"OK {root}: {len(info.cases)} cases ({splits}), {subjects} subjects, {readers} readers, "
-        f"{len(read_annotations(root))} annotations, {masks} ground-truth masks, "
-        f"soft labels: {', '.join(methods) or 'none'}"
+        f"{len(read_annotations(root))} annotations, "
+        f"soft labels: {', '.join(methods) or 'none'}\n{_evaluations(root, info)}"
+    )
+
+
+def _evaluations(root: Path, info: DatasetInfo) -> str:
+    """Which cases have masks/, and so what bmlseg-train validates and tests against (its
+    train.validate_against=auto; docs/training.md, "Without pixelwise truth")."""
+    with_mask = {record.id for record in info.cases if mask_path(root, record.id).exists()}
+    counts = {
+        split: (sum(record.id in with_mask for record in info.split(split)), len(info.split(split)))
+        for split in ("val", "test")
+    }
+    found, total = counts["val"]
+    if total == 0:
+        validation = "no val split: bmlseg-train refuses the folder (validation chooses best.pt)"
+    elif found == total:
+        validation = "validation selects against the pixelwise truth"
+    else:
+        validation = "validation selects against the soft labels' confident cores"
+    found, total = counts["test"]
+    if total == 0:
+        test = "no test split: bmlseg-train refuses the folder (it ends by testing best.pt)"
+    elif found == total:
+        test = "test metrics against the pixelwise truth"
+    else:
+        test = (
+            "no test metrics against pixelwise truth (bmlseg-train scores the test split against "
+            "the soft labels' confident cores)"
+        )
+    per_split = ", ".join(f"{split} {found}/{total}" for split, (found, total) in counts.items())
+    return (
+        f"masks/: {len(with_mask)} of {len(info.cases)} cases ({per_split}): {validation}; {test}"
     )

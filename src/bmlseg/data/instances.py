@@ -52,6 +52,23 @@ class InstanceOptions:
         return max(1, int(np.ceil(self.min_area_mm2 / pixel_area_mm2 - 1e-9)))
 
 
+def confident_cores(
+    label: np.ndarray, options: InstanceOptions, pixel_area_mm2: float
+) -> np.ndarray:
+    """The cores of one slice's soft label: 8-connected components of ``label >= threshold``
+    of at least ``min_area_mm2``.
+
+    Args:
+        label: ``[H, W]`` soft label in [0, 1].
+        pixel_area_mm2: in-plane area of one pixel (spacing x times spacing y).
+
+    Returns:
+        ``[N, H, W]`` bool, one core each.
+    """
+    cores = connected_instances(label >= options.threshold)
+    return cores[cores.sum(axis=(1, 2)) >= options.min_area_px(pixel_area_mm2)]
+
+
 def label_instances(
     label: np.ndarray, options: InstanceOptions, pixel_area_mm2: float
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -65,8 +82,7 @@ def label_instances(
         ``boxes [N, 4]`` float32 (x0, y0, x1, y1; exclusive ends) of the cores, and
         ``masks [N, H, W]`` float32: each instance's soft values, 0 elsewhere.
     """
-    cores = connected_instances(label >= options.threshold)
-    cores = cores[cores.sum(axis=(1, 2)) >= options.min_area_px(pixel_area_mm2)]
+    cores = confident_cores(label, options, pixel_area_mm2)
     if len(cores) == 0:
         return np.zeros((0, 4), np.float32), np.zeros((0, *label.shape), np.float32)
     return masks_to_boxes(cores), _grow_into_label(cores, label)

@@ -353,7 +353,7 @@ class SliceDataset(Dataset):
         case = load_case(self.root, case_id, info=self.info, annotations=annotations)
         label = None
         if label_method is not None:
-            label = _read_softlabel(self.root, label_method, case)
+            label = read_softlabel(self.root, label_method, case)
         elif label_volumes is not None:
             if case_id not in label_volumes:
                 raise KeyError(f"label_volumes has no volume for case {case_id!r}")
@@ -433,7 +433,7 @@ def _majority_bone(bones_under: np.ndarray) -> int:
     return int(counts.argmax()) if counts.any() else 0
 
 
-def _read_softlabel(root: Path, method: str, case: Case) -> np.ndarray:
+def read_softlabel(root: Path, method: str, case: Case) -> np.ndarray:
     """The case's label of ``method``, checked as bmlseg-check checks it."""
     path = softlabel_path(root, method, case.record.id)
     if not path.exists():

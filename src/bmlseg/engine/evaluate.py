@@ -3,10 +3,11 @@
 Each volume is brought to the model's grid, normalized and cropped as in training
 (bmlseg.data.slices.VolumeSlices), every slice goes through the model in batches, and the crop
 predictions are pasted back into the volume on the model's grid, so the metrics see the full
-volume (outside the crop: no lesion). Metrics are computed on the model's grid, against the
-ground truth resampled to it (nearest neighbour); on a dataset already on that grid (the phantom)
-nothing is resampled. A probability map for a scan (:func:`infer_volume`) is mapped back onto
-the scan's own grid.
+volume (outside the crop: no lesion). The detections are scored against a Reference: the
+pixelwise truth of ``masks/``, or, on a dataset without it, the confident cores of a label method
+(docs/training.md, "Without pixelwise truth"), resampled to the model's grid (nearest
+neighbour); on a dataset already on that grid (the phantom) nothing is resampled. A probability
+map for a scan (:func:`infer_volume`) is mapped back onto the scan's own grid.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import contextlib
 import os
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from torch import nn
 from tqdm import tqdm
 
 from bmlseg.data.format import (
+    Case,
     DatasetInfo,
     load_case,
     load_dataset,
@@ -34,7 +36,8 @@ from bmlseg.data.format import (
     read_dataset_json,
 )
 from bmlseg.data.grid import ModelGrid
-from bmlseg.data.slices import VolumeSlices, paste_volume
+from bmlseg.data.instances import InstanceOptions, confident_cores
+from bmlseg.data.slices import VolumeSlices, paste_volume, read_softlabel
 from bmlseg.engine import checkpoint as checkpoints
 from bmlseg.engine.distributed import autocast_dtype, resolve_device
 from bmlseg.io import Geometry, atomic_path
@@ -64,6 +67,51 @@ class InferenceSettings:
     mask_threshold: float
     batch_size: int
     min_score: float = 0.05
+
+
+@dataclass(frozen=True)
+class Reference:
+    """What detections are scored against: each case's binary reference volume ``[S, H, W]``.
+
+    Attributes:
+        label_method: None: the pixelwise truth, ``masks/<id>.nii.gz``. A method's name: the
+            confident cores of its label ``softlabels/<method>/<id>.nii.gz``, cut slice by
+            slice as training cuts its instances (bmlseg.data.instances.confident_cores), for
+            datasets whose readers only drew rectangles.
+        instances: the cut (threshold, minimum area) of the label's cores.
+    """
+
+    label_method: str | None = None
+    instances: InstanceOptions = field(default_factory=InstanceOptions)
+
+    def __str__(self) -> str:
+        """``truth``, or e.g. ``labels:kimriss>=0.5,area>=8mm2``: what summary.json records."""
+        if self.label_method is None:
+            return "truth"
+        cut = self.instances
+        return f"labels:{self.label_method}>={cut.threshold:g},area>={cut.min_area_mm2:g}mm2"
+
+    def volume(self, root: str | os.PathLike, case: Case) -> np.ndarray:
+        """The case's reference, ``[S, H, W]`` bool.
+
+        Raises:
+            FileNotFoundError: the truth of a case without ``masks/<id>.nii.gz``, or a label
+                that was not written.
+        """
+        if self.label_method is None:
+            if case.mask is None:
+                raise FileNotFoundError(
+                    f"{mask_path(root, case.record.id)}: missing; evaluating against the truth "
+                    "needs the pixelwise ground truth of every evaluated case"
+                )
+            return case.mask > 0
+        label = read_softlabel(Path(root), self.label_method, case)
+        pixel_area_mm2 = case.geometry.spacing[0] * case.geometry.spacing[1]
+        cores = [confident_cores(plane, self.instances, pixel_area_mm2) for plane in label]
+        return np.stack([plane_cores.any(axis=0) for plane_cores in cores])
+
+
+TRUTH = Reference()
 
 
 @contextlib.contextmanager
@@ -182,19 +230,21 @@ def evaluate_cases(
     precision: torch.dtype | None = None,
     preview_slices: int = 4,
     description: str = "eval",
+    reference: Reference = TRUTH,
 ) -> tuple[dict[str, float], list[Example]]:
-    """Volume metrics (bmlseg.metrics.VolumeMetrics.summary) of ``model`` on ``cases``.
+    """Volume metrics (bmlseg.metrics.VolumeMetrics.summary) of ``model`` on ``cases``, against
+    each case's ``reference`` volume (the pixelwise truth unless given).
 
     With ``settings.score_threshold`` None the operating threshold is the value of SCORE_GRID
     with the best mean Dice on these cases, found from one inference pass; the summary's
     ``score_threshold`` says which threshold its figures are at.
 
     Returns:
-        The summary, and up to ``preview_slices`` example slices (those with the most ground
-        truth, at most two per case), with the probability map at that threshold.
+        The summary, and up to ``preview_slices`` example slices (those with the most reference
+        voxels, at most two per case), with the probability map at that threshold.
 
     Raises:
-        FileNotFoundError: a case has no ``masks/<id>.nii.gz`` ground truth.
+        FileNotFoundError: a case has no reference volume (Reference.volume).
     """
     info, annotations = load_dataset(root)
     thresholds = SCORE_GRID if settings.score_threshold is None else (settings.score_threshold,)
@@ -205,13 +255,13 @@ def evaluate_cases(
     previews: list[tuple[int, str, np.ndarray, np.ndarray, np.ndarray]] = []
     for case_id in tqdm(cases, desc=description, unit="volume", leave=False, disable=None):
         case = load_case(root, case_id, info=info, annotations=annotations)
-        if case.mask is None:
-            raise FileNotFoundError(
-                f"{mask_path(root, case_id)}: missing; evaluating needs the pixelwise ground truth "
-                f"of every evaluated case"
-            )
         slices = VolumeSlices(
-            case.image, case.bones, case.geometry, grid, truth=case.mask, where=case_id
+            case.image,
+            case.bones,
+            case.geometry,
+            grid,
+            truth=reference.volume(root, case).astype(np.uint8),
+            where=case_id,
         )
         truth = slices.truth > 0
         areas = truth.sum(axis=(1, 2))
@@ -313,28 +363,33 @@ def write_run_outputs(
     *,
     seed: int,
     split: str,
+    reference: Reference,
     steps: int,
     wall_time_s: float,
 ) -> dict[str, Path]:
     """summary.json (bmlseg.summary: metrics + what was trained) and predictions.png, both
-    atomic."""
+    atomic; ``reference`` is what ``scores`` were scored against."""
     summary = run_summary(
         scores,
         checkpoint,
         run_dir=out_dir,
         seed=seed,
         split=split,
+        reference=str(reference),
         steps=steps,
         wall_time_s=wall_time_s,
     )
     paths = {"summary": write_summary(out_dir / "summary.json", summary)}
     if examples:
-        paths["predictions"] = save_prediction_figure(out_dir / "predictions.png", examples)
+        paths["predictions"] = save_prediction_figure(
+            out_dir / "predictions.png", examples, reference
+        )
     return paths
 
 
-def save_prediction_figure(path: Path, examples: Sequence[Example]) -> Path:
-    """One row per example: the image, the truth outlined on it, the predicted probability."""
+def save_prediction_figure(path: Path, examples: Sequence[Example], reference: Reference) -> Path:
+    """One row per example: the image, the reference outlined on it, the predicted
+    probability."""
     figure = Figure(figsize=(9, 3 * len(examples)), layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.subplots(len(examples), 3, squeeze=False)
@@ -344,7 +399,7 @@ def save_prediction_figure(path: Path, examples: Sequence[Example]) -> Path:
         row[1].imshow(example.image, cmap="gray")
         if example.truth.any():
             row[1].contour(example.truth, levels=[0.5], colors="lime", linewidths=0.8)
-        row[1].set_title("ground truth")
+        row[1].set_title("ground truth" if reference == TRUTH else str(reference))
         shown = row[2].imshow(example.probability, cmap="magma", vmin=0, vmax=1)
         row[2].set_title("predicted probability")
         figure.colorbar(shown, ax=row[2], fraction=0.046)
@@ -403,6 +458,7 @@ def evaluate_checkpoint(
         state,
         seed=config["seed"],
         split=split,
+        reference=TRUTH,
         steps=int(state["step"]),
         wall_time_s=time.perf_counter() - started,
     )

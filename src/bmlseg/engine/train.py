@@ -11,8 +11,10 @@ Outputs in ``run_dir`` (rank 0 only)::
     checkpoints/last.pt      the latest state (model, optimizer, scaler, step, RNG, config,
                              the dataset's bone names)
     checkpoints/best.pt      the state with the best val ``train.best_metric``, its threshold
-                             in ``best["score_threshold"]``
-    summary.json             test metrics of best.pt at that threshold, loss weights, ...
+                             in ``best["score_threshold"]``, what validation scored against in
+                             ``best["reference"]``
+    summary.json             test metrics of best.pt at that threshold, what they are scored
+                             against (``reference``), loss weights, ...
     predictions.png          a few test slices: image, truth, predicted probability
     tensorboard/             with train.tensorboard=true
 
@@ -45,14 +47,16 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from bmlseg import labels as soft_labels
-from bmlseg.data.format import read_dataset_json
+from bmlseg.data.format import mask_path, read_dataset_json
 from bmlseg.data.grid import ModelGrid
 from bmlseg.data.instances import InstanceOptions
 from bmlseg.data.slices import SliceDataset, collate_detection
 from bmlseg.engine import checkpoint as checkpoints
 from bmlseg.engine import distributed
 from bmlseg.engine.evaluate import (
+    TRUTH,
     InferenceSettings,
+    Reference,
     evaluate_cases,
     recorded_score_threshold,
     split_cases,
@@ -81,6 +85,11 @@ TRAIN_MINIMA = {
     "test_max_cases": 1,
     "preview_slices": 0,
 }
+# Why a run needs each split it evaluates on.
+EVALUATED_SPLITS = {
+    "val": "validation chooses best.pt and its score threshold on it",
+    "test": "the run ends by scoring best.pt on it",
+}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -94,7 +103,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> float:
         The best validation value of ``train.best_metric`` (what a Hydra sweeper optimizes).
 
     Raises:
-        ValueError: a setting out of its range.
+        ValueError: a setting out of its range; a split the run cannot evaluate on
+            (plan_evaluations).
         FileExistsError: ``run_dir`` holds an earlier run, and neither ``train.resume`` nor
             ``train.overwrite`` is set.
     """
@@ -108,9 +118,10 @@ def train(cfg: DictConfig, run_dir: str | Path) -> float:
         if summary["steps"] == cfg.train.steps:
             log.info("%s: finished %d steps earlier; skipped", summary_path, summary["steps"])
             return float(summary["best"]["value"])
+    plan = plan_evaluations(cfg)
     context = distributed.setup(cfg.train.device)
     try:
-        return _train(cfg, Path(context.broadcast(str(run_dir))), context)
+        return _train(cfg, Path(context.broadcast(str(run_dir))), context, plan)
     finally:
         distributed.teardown(context)
 
@@ -135,6 +146,75 @@ def check_settings(settings: DictConfig) -> None:
         )
     if problems:
         raise ValueError("; ".join(problems))
+
+
+@dataclass(frozen=True)
+class EvaluationPlan:
+    """The cases a run validates and tests on, and the Reference each split is scored against."""
+
+    val_cases: list[str]
+    val_reference: Reference
+    test_cases: list[str]
+    test_reference: Reference
+
+
+def plan_evaluations(cfg: DictConfig) -> EvaluationPlan:
+    """What the run's validations and final test score against, decided from dataset.json and
+    masks/ before any label is made or model built.
+
+    Validation follows ``train.validate_against``: ``truth`` scores against masks/, ``labels``
+    against the confident cores of ``labels.method`` (cut as ``data.instances`` cuts the
+    training instances), ``auto`` against the truth when every validation case has masks/, else
+    the labels. The test split: the truth when every test case has masks/, else the labels.
+
+    Raises:
+        ValueError: dataset.json lists no val or no test case; ``truth`` is asked for and a
+            validation case has no masks/.
+    """
+    root = Path(cfg.data.root)
+    info = read_dataset_json(root)
+    empty = [split for split in EVALUATED_SPLITS if not info.split(split)]
+    if empty:
+        raise ValueError(
+            "; ".join(
+                f"{root / 'dataset.json'}: no case in split {split!r} ({EVALUATED_SPLITS[split]})"
+                for split in empty
+            )
+            + "; put the cases of some subjects into it (splits are by subject)"
+        )
+    val_cases = split_cases(info, "val", cfg.train.val_max_cases)
+    test_cases = split_cases(info, "test", cfg.train.test_max_cases)
+    labels = Reference(cfg.labels.method, InstanceOptions(**cfg.data.instances))
+    val_without = [case for case in val_cases if not mask_path(root, case).exists()]
+    wanted = cfg.train.validate_against.value
+    if wanted == "truth" and val_without:
+        raise ValueError(
+            f"train.validate_against=truth, but {len(val_without)} of {len(val_cases)} "
+            f"validation cases have no pixelwise truth (e.g. {mask_path(root, val_without[0])} "
+            f"is missing); set train.validate_against=auto or labels to validate against {labels}"
+        )
+    val_truth = wanted == "truth" or (wanted == "auto" and not val_without)
+    test_truth = all(mask_path(root, case).exists() for case in test_cases)
+    plan = EvaluationPlan(
+        val_cases=val_cases,
+        val_reference=TRUTH if val_truth else labels,
+        test_cases=test_cases,
+        test_reference=TRUTH if test_truth else labels,
+    )
+    log.info(
+        "validation scores against %s (train.validate_against=%s; %d of %d val cases have masks/)",
+        plan.val_reference,
+        wanted,
+        len(val_cases) - len(val_without),
+        len(val_cases),
+    )
+    if plan.test_reference != TRUTH:
+        log.warning(
+            "test cases without masks/: the test metrics are scored against %s, not against "
+            "pixelwise truth (summary.json records it as its reference)",
+            plan.test_reference,
+        )
+    return plan
 
 
 def earlier_run(run_dir: Path) -> list[str]:
@@ -183,7 +263,9 @@ def prepare_run_dir(run_dir: Path, settings: DictConfig) -> None:
         )
 
 
-def _train(cfg: DictConfig, run_dir: Path, context: distributed.Distributed) -> float:
+def _train(
+    cfg: DictConfig, run_dir: Path, context: distributed.Distributed, plan: EvaluationPlan
+) -> float:
     started = time.perf_counter()
     settings = cfg.train
     device = context.device
@@ -191,14 +273,17 @@ def _train(cfg: DictConfig, run_dir: Path, context: distributed.Distributed) -> 
     if context.is_main:
         prepare_run_dir(run_dir, settings)
 
-    # Labels, data, model. Rank 0 writes missing label volumes; the others wait for them.
+    # Labels, data, model. Rank 0 writes missing label volumes (those trained on, and those
+    # scored against); the others wait for them.
     label_method = label_method_for(cfg)
     if context.is_main:
-        ensure_labels(cfg, label_method)
+        references = (plan.val_reference.label_method, plan.test_reference.label_method)
+        for method in dict.fromkeys([label_method, *references]):
+            if method is not None:
+                ensure_labels(cfg, method)
     context.barrier()
     train_set = make_dataset(cfg, "train", label_method)
     info = train_set.info  # read and checked with the training set
-    val_cases = split_cases(info, "val", settings.val_max_cases)
     config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     model = build_model(config["model"], config["loss"], train_set.num_classes).to(device)
     optimizer = torch.optim.Adam(
@@ -217,12 +302,24 @@ def _train(cfg: DictConfig, run_dir: Path, context: distributed.Distributed) -> 
     )
 
     # Resume from last.pt, or start at step 0.
-    best = Best(settings.best_metric.value, score_threshold=settings.score_threshold)
+    best = Best(
+        settings.best_metric.value,
+        score_threshold=settings.score_threshold,
+        reference=str(plan.val_reference),
+    )
     start_step = 0
     if settings.resume:
-        resumed = resume(run_dir / "checkpoints" / "last.pt", model, optimizer, scaler, context)
+        last = run_dir / "checkpoints" / "last.pt"
+        resumed = resume(last, model, optimizer, scaler, context)
         if resumed is not None:
             start_step, best = resumed[0], Best(**resumed[1])
+            if best.reference != str(plan.val_reference):
+                # A best value chosen against one reference cannot be beaten against another.
+                raise ValueError(
+                    f"{last}: its best.pt was chosen against {best.reference}, this run "
+                    f"validates against {plan.val_reference}; resume with the "
+                    "train.validate_against and masks/ it had, or set train.overwrite=true"
+                )
     if start_step >= settings.steps:
         log.info("nothing to train: resumed at step %d of %d", start_step, settings.steps)
     trained = model
@@ -268,7 +365,7 @@ def _train(cfg: DictConfig, run_dir: Path, context: distributed.Distributed) -> 
         new_best = False
         if step % settings.eval_every == 0 or is_last:
             if context.is_main:
-                scores = validate(model, cfg, val_cases, device, precision)
+                scores = validate(model, cfg, plan, device, precision)
                 metrics_log.append(
                     {
                         "step": step,
@@ -317,7 +414,7 @@ def _train(cfg: DictConfig, run_dir: Path, context: distributed.Distributed) -> 
         writer.close()
 
     if context.is_main:
-        finish(cfg, run_dir, run_dir / "checkpoints", device, precision, started)
+        finish(cfg, run_dir, run_dir / "checkpoints", plan, device, precision, started)
     context.barrier()
     return float(best.value)
 
@@ -326,12 +423,15 @@ def _train(cfg: DictConfig, run_dir: Path, context: distributed.Distributed) -> 
 class Best:
     """The best validation so far: its ``train.best_metric`` value, step and the operating score
     threshold it was at (fixed, or chosen there), which the test evaluation and bmlseg-eval and
-    bmlseg-predict use. Stored in checkpoints as a dict (``as_dict``)."""
+    bmlseg-predict use, and what validation scored against (``str(Reference)``). Stored in
+    checkpoints as a dict (``as_dict``)."""
 
     metric: str
     value: float = -math.inf
     step: int = 0
     score_threshold: float | None = None
+    # Checkpoints written before the reference was recorded were all chosen against masks/.
+    reference: str = str(TRUTH)
 
     def update(self, step: int, scores: dict[str, float]) -> bool:
         """Take ``scores`` of the validation at ``step`` if they are the best so far."""
@@ -422,21 +522,21 @@ def finish(
     cfg: DictConfig,
     run_dir: Path,
     checkpoint_dir: Path,
+    plan: EvaluationPlan,
     device: torch.device,
     precision: torch.dtype | None,
     started: float,
 ) -> None:
-    """Evaluate best.pt on the test split at the score threshold of its validation; write
-    summary.json and predictions.png."""
+    """Evaluate best.pt on the test split, against ``plan.test_reference``, at the score
+    threshold of its validation; write summary.json and predictions.png."""
     path = checkpoint_dir / "best.pt"
     state = checkpoints.load(path, device)
     model = checkpoints.model_from_checkpoint(state, device)
-    info = read_dataset_json(cfg.data.root)
-    cases = split_cases(info, "test", cfg.train.test_max_cases)
     scores, examples = evaluate_split(
         model,
         cfg,
-        cases,
+        plan.test_cases,
+        plan.test_reference,
         device,
         precision,
         score_threshold=recorded_score_threshold(state, path),
@@ -450,28 +550,34 @@ def finish(
         state,
         seed=cfg.seed,
         split="test",
+        reference=plan.test_reference,
         steps=cfg.train.steps,
         wall_time_s=time.perf_counter() - started,
     )
-    log.info("test: %s", {key: round(value, 4) for key, value in scores.items()})
+    log.info(
+        "test against %s: %s",
+        plan.test_reference,
+        {key: round(value, 4) for key, value in scores.items()},
+    )
 
 
 def validate(
     model: nn.Module,
     cfg: DictConfig,
-    cases: list[str],
+    plan: EvaluationPlan,
     device: torch.device,
     precision: torch.dtype | None,
 ) -> dict[str, float]:
-    """Volume metrics of the model on the validation cases, at ``train.score_threshold`` or, when
-    it is None, at the threshold chosen on them (``scores["score_threshold"]``); leaves the
-    model in train mode."""
+    """Volume metrics of the model on the validation cases against ``plan.val_reference``, at
+    ``train.score_threshold`` or, when it is None, at the threshold chosen on them
+    (``scores["score_threshold"]``); leaves the model in train mode."""
     model.eval()
     try:
         scores, _ = evaluate_split(
             model,
             cfg,
-            cases,
+            plan.val_cases,
+            plan.val_reference,
             device,
             precision,
             score_threshold=cfg.train.score_threshold,
@@ -487,6 +593,7 @@ def evaluate_split(
     model: nn.Module,
     cfg: DictConfig,
     cases: list[str],
+    reference: Reference,
     device: torch.device,
     precision: torch.dtype | None,
     *,
@@ -494,8 +601,8 @@ def evaluate_split(
     preview_slices: int,
     split: str,
 ) -> tuple[dict[str, float], list]:
-    """evaluate_cases with the run's data and train settings (mask threshold, batch) at
-    ``score_threshold`` (None: chosen on ``cases``)."""
+    """evaluate_cases against ``reference`` with the run's data and train settings (mask
+    threshold, batch) at ``score_threshold`` (None: chosen on ``cases``)."""
     settings = InferenceSettings(
         score_threshold=score_threshold,
         mask_threshold=cfg.train.mask_threshold,
@@ -511,6 +618,7 @@ def evaluate_split(
         precision=precision,
         preview_slices=preview_slices,
         description=split,
+        reference=reference,
     )
 
 
