@@ -113,13 +113,14 @@ def test_a_file_that_is_not_a_bmlseg_checkpoint_is_named_as_such(synthetic_root,
     inputs = {
         "bmlseg-eval": [f"data.root={synthetic_root}", f"hydra.run.dir={tmp_path / 'eval'}"],
         "bmlseg-predict": [
-            f"input={synthetic_root / 'images' / (case['id'] + '.nii.gz')}",
-            f"bones={synthetic_root / 'bones' / (case['id'] + '.nii.gz')}",
-            f"output_dir={tmp_path / 'out'}",
+            f"--input={synthetic_root / 'images' / (case['id'] + '.nii.gz')}",
+            f"--bones={synthetic_root / 'bones' / (case['id'] + '.nii.gz')}",
+            f"--output={tmp_path / 'out'}",
         ],
     }
+    checkpoint = {"bmlseg-eval": "checkpoint=", "bmlseg-predict": "--checkpoint="}[tool]
     result = run(
-        str(BIN / tool), f"checkpoint={tmp_path / 'weights.pt'}", *inputs[tool], cwd=tmp_path
+        str(BIN / tool), f"{checkpoint}{tmp_path / 'weights.pt'}", *inputs[tool], cwd=tmp_path
     )
     assert result.returncode == 1
     assert (

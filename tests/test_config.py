@@ -183,8 +183,6 @@ def test_loss_weight_overrides_keep_their_type():
 def test_tool_configs_compose_and_require_their_inputs():
     evaluate = compose("evaluate", overrides=["checkpoint=run/checkpoints/best.pt"])
     assert evaluate.split == "test" and evaluate.data.root is None
-    predict = compose("predict", overrides=["checkpoint=c.pt", "input=a.nii.gz", "bones=b.nii.gz"])
-    assert predict.output_dir == "predictions"
     labels = compose("labels", overrides=["labels=staple"])
     assert labels.labels.method == "staple" and labels.evaluate is False
     synth = compose("synth", overrides=["n_subjects=2"])
@@ -210,7 +208,6 @@ SCHEMAS = [
     config.TrainApp,
     config.EvalData,
     config.EvalApp,
-    config.PredictApp,
     config.LabelsApp,
     config.SynthApp,
 ]

@@ -3,6 +3,7 @@
 import locale
 import math
 import shutil
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -10,7 +11,14 @@ import pydicom
 import pytest
 from nibabel.testing import data_path
 
-from bmlseg.io import Geometry, read_volume, remove_path, write_dicom_series, write_volume
+from bmlseg.io import (
+    Geometry,
+    dicom_series,
+    read_volume,
+    remove_path,
+    write_dicom_series,
+    write_volume,
+)
 
 NIBABEL_DATA = data_path
 NIBABEL_DICOM = NIBABEL_DATA.parent.parent / "nicom" / "tests" / "data"
@@ -208,12 +216,96 @@ def test_nibabel_dicom_series_matches_pydicom(tmp_path):
     )
 
 
-def test_single_dicom_file_reads_as_one_slice():
-    array, geometry = read_volume(NIBABEL_DICOM / "0.dcm")
-    reference = pydicom.dcmread(NIBABEL_DICOM / "0.dcm")
-    assert array.shape == (1, reference.Rows, reference.Columns)
-    np.testing.assert_array_equal(array[0], reference.pixel_array)
-    np.testing.assert_allclose(geometry.origin, [float(v) for v in reference.ImagePositionPatient])
+def test_single_dicom_file_is_refused_not_read_as_one_slice(tmp_path):
+    with pytest.raises(
+        ValueError,
+        match=r"0\.dcm: a single DICOM file holds one slice; pass the folder of its series",
+    ):
+        read_volume(NIBABEL_DICOM / "0.dcm")
+    # The same without the .dcm extension: DICOM is told by its content.
+    shutil.copy(NIBABEL_DICOM / "0.dcm", tmp_path / "IM0001")
+    with pytest.raises(ValueError, match="a single DICOM file holds one slice"):
+        read_volume(tmp_path / "IM0001")
+
+
+def two_series_folder(tmp_path, geometry: Geometry) -> Path:
+    """A folder holding a sagittal series of 4 slices ("Sag PD FS") and one of 3 ("Cor T1")."""
+    folder = write_dicom_series(
+        tmp_path / "study", volume("int16"), geometry, series_description="Sag PD FS"
+    )
+    other = write_dicom_series(
+        tmp_path / "other", volume("int16")[:3] + 1000, geometry, series_description="Cor T1"
+    )
+    for file in other.iterdir():
+        shutil.copy(file, folder / f"cor_{file.name}")
+    return folder
+
+
+def test_dicom_series_lists_a_folders_series_from_their_headers(tmp_path, rotated_geometry):
+    folder = two_series_folder(tmp_path, rotated_geometry)
+    found = dicom_series(folder)
+    assert sorted((info.description, len(info.files)) for info in found) == [
+        ("Cor T1", 3),
+        ("Sag PD FS", 4),
+    ]
+    assert all(info.uid.startswith("2.25.") and info.number is None for info in found)
+    assert dicom_series(tmp_path / "other")[0].files == tuple(
+        sorted((tmp_path / "other").iterdir())
+    )
+    assert dicom_series(tmp_path) == []  # the series are in subfolders, not in tmp_path itself
+
+
+def test_a_folder_of_two_series_lists_them_and_reads_the_one_chosen(tmp_path, rotated_geometry):
+    folder = two_series_folder(tmp_path, rotated_geometry)
+    found = {info.description: info for info in dicom_series(folder)}
+    with pytest.raises(ValueError) as refused:
+        read_volume(folder)
+    message = str(refused.value)
+    assert message.startswith(f"{folder}: 2 DICOM series in this folder; choose one by its ")
+    for info in found.values():
+        assert f"\n  {info.uid} {info.description!r} ({len(info.files)} files)" in message
+    sagittal, _ = read_volume(folder, series="Sag PD FS")
+    np.testing.assert_array_equal(sagittal, volume("int16"))
+    coronal, geometry = read_volume(folder, series=found["Cor T1"].uid)
+    np.testing.assert_array_equal(coronal, volume("int16")[:3] + 1000)
+    assert_same_geometry(geometry, rotated_geometry, 1e-6)
+    with pytest.raises(ValueError, match=r"no DICOM series has the SeriesDescription or UID 'Ax'"):
+        read_volume(folder, series="Ax")
+    with pytest.raises(ValueError, match=r"series='Cor T1' chooses a DICOM series of a folder"):
+        read_volume(folder / "00000.dcm", series="Cor T1")
+
+
+def test_a_series_missing_a_middle_slice_is_refused_naming_the_gap(tmp_path, rotated_geometry):
+    # ITK would read the 5 slices left at one spacing, 3.96 mm, with only a warning on stderr.
+    six_slices = np.arange(6 * 5 * 6, dtype=np.int16).reshape(6, 5, 6)
+    folder = write_dicom_series(tmp_path / "series", six_slices, rotated_geometry)
+    (folder / "00002.dcm").unlink()
+    with pytest.raises(ValueError) as refused:
+        read_volume(folder)
+    assert str(refused.value).startswith(f"{folder}: DICOM series ")
+    assert (
+        "a gap of 6.6 mm between InstanceNumber 2 (00001.dcm, at " in str(refused.value)
+        and ") and InstanceNumber 4 (00003.dcm, at " in str(refused.value)
+        and "along the slice normal, 2x the median step of 3.3 mm: a slice is missing"
+        in str(refused.value)
+    )
+
+
+def test_a_series_with_a_repeated_slice_is_refused(tmp_path, rotated_geometry):
+    folder = write_dicom_series(tmp_path / "series", volume("int16"), rotated_geometry)
+    shutil.copy(folder / "00001.dcm", folder / "copy.dcm")
+    with pytest.raises(
+        ValueError,
+        match=r"InstanceNumber 2 \(00001\.dcm, at .* and InstanceNumber 2 \(copy\.dcm, at .* are "
+        "at the same position along the slice normal: a repeated slice",
+    ):
+        read_volume(folder)
+
+
+def test_a_folder_of_one_slice_is_refused(tmp_path, rotated_geometry):
+    folder = write_dicom_series(tmp_path / "series", volume("int16")[:1], rotated_geometry)
+    with pytest.raises(ValueError, match=r"holds a single slice \(00000\.dcm\), not a volume"):
+        read_volume(folder)
 
 
 def test_dicom_io_leaves_the_process_locale_as_it_was(tmp_path, rotated_geometry):
@@ -223,7 +315,9 @@ def test_dicom_io_leaves_the_process_locale_as_it_was(tmp_path, rotated_geometry
         tmp_path / "series", np.zeros((3, 4, 5), np.int16), rotated_geometry
     )
     read_volume(folder)
-    read_volume(sorted(folder.iterdir())[0])
+    dicom_series(folder)
+    with pytest.raises(ValueError, match="a single DICOM file"):
+        read_volume(sorted(folder.iterdir())[0])
     assert locale.setlocale(locale.LC_ALL) == before
 
 

@@ -148,10 +148,10 @@ def test_predict_cli_writes_volumes_in_the_input_geometry(sweep: Path, dataset: 
     image_path = dataset / "images" / f"{case}.nii.gz"
     result = run(
         str(BIN / "bmlseg-predict"),
-        f"checkpoint={run_dirs(sweep)['baseline_bce'] / 'checkpoints' / 'last.pt'}",
-        f"input={image_path}",
-        f"bones={dataset / 'bones' / f'{case}.nii.gz'}",
-        f"output_dir={tmp_path / 'out'}",
+        f"--checkpoint={run_dirs(sweep)['baseline_bce'] / 'checkpoints' / 'last.pt'}",
+        f"--input={image_path}",
+        f"--bones={dataset / 'bones' / f'{case}.nii.gz'}",
+        f"--output={tmp_path / 'out'}",
         cwd=tmp_path,
     )
     image, geometry = read_volume(image_path)
@@ -239,10 +239,10 @@ def test_predict_refuses_nan_voxels(sweep: Path, dataset: Path, tmp_path):
     write_volume(tmp_path / "scan.nii.gz", image, geometry)
     result = run(
         str(BIN / "bmlseg-predict"),
-        f"checkpoint={run_dirs(sweep)['baseline_bce'] / 'checkpoints' / 'last.pt'}",
-        f"input={tmp_path / 'scan.nii.gz'}",
-        f"bones={dataset / 'bones' / f'{case}.nii.gz'}",
-        f"output_dir={tmp_path / 'out'}",
+        f"--checkpoint={run_dirs(sweep)['baseline_bce'] / 'checkpoints' / 'last.pt'}",
+        f"--input={tmp_path / 'scan.nii.gz'}",
+        f"--bones={dataset / 'bones' / f'{case}.nii.gz'}",
+        f"--output={tmp_path / 'out'}",
         cwd=tmp_path,
         expect_ok=False,
     )

@@ -1,8 +1,9 @@
 """Console scripts. Each reads its configuration and calls the library; nothing else lives here.
 
 Hydra apps (configs in ``conf/``, shipped as ``bmlseg.conf``; schemas in bmlseg.config):
-bmlseg-synth, bmlseg-labels, bmlseg-train, bmlseg-eval, bmlseg-predict. Plain argparse tools:
-bmlseg-check and bmlseg-report. The library is imported inside each command so that a command
+bmlseg-synth, bmlseg-labels, bmlseg-train, bmlseg-eval. Plain argparse tools: bmlseg-check,
+bmlseg-report and bmlseg-predict (which takes files and folders, as nnU-Net's and
+TotalSegmentator's predictors do). The library is imported inside each command so that a command
 loads only what it uses (torch takes seconds to import).
 
 Bad input (a ValueError or an OSError: a broken file, a refused folder, a wrong setting) ends a
@@ -15,7 +16,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -86,6 +87,13 @@ def check_main() -> int:
     from bmlseg.data.format import main_check
 
     return main_check(sys.argv[1:])
+
+
+def predict_main(argv: Sequence[str] | None = None) -> int:
+    """bmlseg-predict -i INPUT -o OUT -c CHECKPOINT --bones B: BML maps and volumes of scans."""
+    from bmlseg.predict import main_predict
+
+    return main_predict(sys.argv[1:] if argv is None else argv)
 
 
 def report_main() -> int:
@@ -163,21 +171,4 @@ def eval_main(cfg: DictConfig) -> None:
         mask_threshold=cfg.mask_threshold,
         max_cases=cfg.max_cases,
         preview_slices=cfg.preview_slices,
-    )
-
-
-@hydra.main(version_base=VERSION_BASE, config_path=CONFIG_PATH, config_name="predict")
-@_reported("bmlseg-predict")
-def predict_main(cfg: DictConfig) -> None:
-    from bmlseg.predict import predict_file
-
-    predict_file(
-        cfg.checkpoint,
-        cfg.input,
-        cfg.bones,
-        cfg.output_dir,
-        device=cfg.device,
-        batch_size=cfg.batch_size,
-        score_threshold=cfg.score_threshold,
-        mask_threshold=cfg.mask_threshold,
     )

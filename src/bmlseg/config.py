@@ -210,20 +210,6 @@ class EvalApp:
 
 
 @dataclass
-class PredictApp:
-    """bmlseg-predict: one volume in, BML probability and mask volumes out."""
-
-    checkpoint: str = MISSING
-    input: str = MISSING
-    bones: str = MISSING
-    output_dir: str = MISSING
-    device: str = MISSING
-    batch_size: int = MISSING
-    score_threshold: Optional[float] = MISSING
-    mask_threshold: Optional[float] = MISSING
-
-
-@dataclass
 class LabelsApp:
     """bmlseg-labels: write softlabels/<method>/ for a dataset folder."""
 
@@ -252,6 +238,5 @@ def register_configs() -> None:
     store = ConfigStore.instance()
     store.store(name="train_schema", node=TrainApp)
     store.store(name="evaluate_schema", node=EvalApp)
-    store.store(name="predict_schema", node=PredictApp)
     store.store(name="labels_schema", node=LabelsApp)
     store.store(name="synth_schema", node=SynthApp)

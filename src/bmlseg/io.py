@@ -4,9 +4,12 @@ Arrays are numpy ``[slices, H, W]`` (SimpleITK's z, y, x). Geometry is kept in S
 axis order (x, y, z) = (W, H, slices), so ``spacing[2]`` is the slice thickness; ``direction``
 holds the axis directions as the *columns* of a row-major 3x3 matrix, in LPS coordinates.
 
-Any file SimpleITK reads is accepted (NIfTI-1 ``.nii``/``.nii.gz``, MHA/MHD, NRRD, a single
-DICOM file), and a folder is read as one DICOM series. :func:`write_volume` writes the file
-formats, :func:`write_dicom_series` a DICOM series folder. A write followed by a read gives back
+Any volume file SimpleITK reads is accepted (NIfTI-1 ``.nii``/``.nii.gz``, MHA/MHD, NRRD, a
+multi-frame DICOM file), and a folder is read as a DICOM series: :func:`dicom_series` lists a
+folder's series from their headers, and :func:`read_volume` refuses what SimpleITK would read
+wrong without an error (a folder of several series, unevenly spaced or repeated slices, a single
+slice file). :func:`write_volume` writes the file formats, :func:`write_dicom_series` a DICOM
+series folder. A write followed by a read gives back
 the same array, dtype and geometry (to float32 precision for NIfTI, whose header stores float32;
 to 10 significant digits for DICOM, whose header stores decimal strings).
 
@@ -33,6 +36,8 @@ import SimpleITK as sitk
 
 # DICOM stores pixels as integers; these are the types GDCM writes and reads back unchanged.
 DICOM_DTYPES = ("uint8", "int8", "uint16", "int16", "uint32", "int32")
+# Names of the volume files SimpleITK reads and writes, as they end.
+VOLUME_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr")
 # NIfTI-1 datatype codes of float32 and float64 voxels.
 NIFTI_FLOAT_TYPES = {16: "f4", 64: "f8"}
 
@@ -76,19 +81,38 @@ class Geometry:
         ]
 
 
-def read_volume(path: str | os.PathLike) -> tuple[np.ndarray, Geometry]:
-    """Read a 3D volume (a file, or a folder holding one DICOM series) as ``[S, H, W]``.
+def read_volume(
+    path: str | os.PathLike, *, series: str | None = None
+) -> tuple[np.ndarray, Geometry]:
+    """Read a 3D volume (a file, or a folder holding a DICOM series) as ``[S, H, W]``.
+
+    Args:
+        series: for a folder holding several DICOM series, the one to read: its
+            SeriesDescription (exactly) or its SeriesInstanceUID. Only for folders.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        ValueError: SimpleITK cannot read it, it is truncated, or it is not a scalar 3D volume.
+        ValueError: SimpleITK cannot read it, it is truncated, or it is not a scalar 3D volume;
+            a folder holds no DICOM series, or several and ``series`` does not choose one; a
+            series' slices are not evenly spaced (a missing or repeated slice); a DICOM file
+            holds a single slice.
     """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or folder")
+    if path.is_dir():
+        source: str | list[str] = [str(file) for file in _series_files(path, series)]
+    elif series is not None:
+        raise ValueError(
+            f"{path}: series={series!r} chooses a DICOM series of a folder; a file holds one volume"
+        )
+    else:
+        _refuse_single_dicom_slice(path)
+        source = str(path)
     try:
         with _process_locale_kept():
-            image = _read_dicom_series(path) if path.is_dir() else sitk.ReadImage(str(path))
+            # A list of files is read by ImageSeriesReader as one volume, in the list's order.
+            image = sitk.ReadImage(source)
     except RuntimeError as error:
         raise ValueError(f"{path}: SimpleITK cannot read it: {_reason(error)}") from error
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
@@ -100,6 +124,172 @@ def read_volume(path: str | os.PathLike) -> tuple[np.ndarray, Geometry]:
     if path.name.lower().endswith((".nii", ".nii.gz")):
         array = _nifti_as_written(path, array)
     return array, Geometry.of(image)
+
+
+@dataclass(frozen=True)
+class SeriesInfo:
+    """One DICOM series of a folder, as its headers describe it.
+
+    Attributes:
+        uid: SeriesInstanceUID (0020,000E).
+        description: SeriesDescription (0008,103E), "" when absent.
+        number: SeriesNumber (0020,0011), None when absent.
+        files: its files, in GDCM's slice order; ``len(files)`` slices unless multi-frame.
+    """
+
+    uid: str
+    description: str
+    number: int | None
+    files: tuple[Path, ...]
+
+    def __str__(self) -> str:
+        number = f", SeriesNumber {self.number}" if self.number is not None else ""
+        return f"{self.uid} {self.description!r} ({len(self.files)} files{number})"
+
+
+def dicom_series(folder: str | os.PathLike) -> list[SeriesInfo]:
+    """The DICOM series among the files of ``folder`` (not its subfolders), by SeriesNumber
+    then UID; empty when it holds none. Reads headers only, not pixels."""
+    folder = Path(folder)
+    found = []
+    with _process_locale_kept(), _itk_warnings_hidden():
+        for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)):
+            files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
+            header = _dicom_header(Path(files[0]))
+            number = header.get("0020|0011", "")
+            found.append(
+                SeriesInfo(
+                    uid=uid,
+                    description=header.get("0008|103e", ""),
+                    number=int(number) if number.lstrip("-").isdigit() else None,
+                    files=tuple(map(Path, files)),
+                )
+            )
+    return sorted(found, key=lambda info: (info.number is None, info.number or 0, info.uid))
+
+
+def _series_files(folder: Path, series: str | None) -> list[Path]:
+    """The files of the series of ``folder`` that ``series`` chooses, checked to be a volume."""
+    found = dicom_series(folder)
+    if not found:
+        raise ValueError(f"{folder}: no DICOM series in this folder")
+    if series is None:
+        if len(found) > 1:
+            raise ValueError(
+                f"{folder}: {len(found)} DICOM series in this folder; choose one by its "
+                f"SeriesDescription or UID (series=..., bmlseg-predict --series):{_listed(found)}"
+            )
+        chosen = found[0]
+    else:
+        matches = [info for info in found if series in (info.uid, info.description)]
+        if not matches:
+            raise ValueError(
+                f"{folder}: no DICOM series has the SeriesDescription or UID {series!r}; it "
+                f"holds:{_listed(found)}"
+            )
+        if len(matches) > 1:
+            raise ValueError(
+                f"{folder}: {len(matches)} DICOM series are described as {series!r}; choose one "
+                f"by its UID:{_listed(matches)}"
+            )
+        chosen = matches[0]
+    _check_slice_positions(folder, chosen)
+    return list(chosen.files)
+
+
+def _listed(series: list[SeriesInfo]) -> str:
+    return "".join(f"\n  {info}" for info in series)
+
+
+def _check_slice_positions(folder: Path, info: SeriesInfo) -> None:
+    """Refuse a series whose slices are not evenly spaced along their normal.
+
+    ITK reads any series at one spacing (with only a warning on stderr), so a missing slice
+    would shift every slice past it and enlarge the volume, and a repeated one would be read
+    as a slice of its own.
+    """
+    where = f"{folder}: DICOM series {info.uid}"
+    headers = [_dicom_header(file) for file in info.files]
+    if len(headers) == 1:
+        if _frames(headers[0]) > 1:
+            return  # a multi-frame file: its frames are placed by the file itself
+        raise ValueError(f"{where} holds a single slice ({info.files[0].name}), not a volume")
+    positions, orientations = [], []
+    for file, header in zip(info.files, headers, strict=True):
+        for tag, name in (
+            ("0020|0032", "ImagePositionPatient"),
+            ("0020|0037", "ImageOrientationPatient"),
+        ):
+            if not header.get(tag):
+                raise ValueError(
+                    f"{where}: {file.name} has no {name} ({tag.replace('|', ',')}): "
+                    "its slice cannot be placed"
+                )
+        positions.append(_decimals(header["0020|0032"]))
+        orientations.append(_decimals(header["0020|0037"]))
+    orientation = np.asarray(orientations[0])
+    if not np.allclose(orientations, orientation, atol=1e-4):
+        raise ValueError(
+            f"{where}: its slices have different ImageOrientationPatient; "
+            "expected one orientation for a volume"
+        )
+    normal = np.cross(orientation[:3], orientation[3:])
+    along = np.asarray(positions) @ normal
+    order = np.argsort(along, kind="stable")
+    steps = np.diff(along[order])
+    median = float(np.median(steps))
+
+    def described(index: int) -> str:
+        file = order[index]
+        instance = headers[file].get("0020|0013") or "?"
+        return f"InstanceNumber {instance} ({info.files[file].name}, at {along[file]:.4g} mm)"
+
+    for index, step in enumerate(steps):
+        if step <= 0.1 * median or step <= 1e-4:
+            raise ValueError(
+                f"{where}: {described(index)} and {described(index + 1)} are at the same "
+                "position along the slice normal: a repeated slice; remove the duplicate file"
+            )
+        if abs(step - median) > 0.1 * median:
+            kind = "a slice is missing" if step > 1.5 * median else "uneven slice spacing"
+            raise ValueError(
+                f"{where}: a gap of {step:.4g} mm between {described(index)} and "
+                f"{described(index + 1)} along the slice normal, {step / median:.3g}x the median "
+                f"step of {median:.4g} mm: {kind}; SimpleITK would read the series at one "
+                "spacing and misplace every slice past the gap"
+            )
+
+
+def _refuse_single_dicom_slice(path: Path) -> None:
+    """A DICOM file of one frame would be read as a volume of one slice."""
+    with _process_locale_kept(), _itk_warnings_hidden():
+        is_dicom = sitk.ImageFileReader.GetImageIOFromFileName(str(path)) == "GDCMImageIO"
+    if is_dicom and _frames(_dicom_header(path)) == 1:
+        raise ValueError(
+            f"{path}: a single DICOM file holds one slice; pass the folder of its series"
+        )
+
+
+def _dicom_header(path: Path) -> dict[str, str]:
+    """The header tags of a DICOM file ("gggg|eeee" -> value), without reading its pixels."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        with _process_locale_kept():
+            reader.ReadImageInformation()
+    except RuntimeError as error:
+        raise ValueError(f"{path}: SimpleITK cannot read its header: {_reason(error)}") from error
+    return {key: reader.GetMetaData(key).strip() for key in reader.GetMetaDataKeys()}
+
+
+def _frames(header: dict[str, str]) -> int:
+    """NumberOfFrames (0028,0008) of a DICOM header: 1 unless a multi-frame file."""
+    return int(header.get("0028|0008") or 1)
+
+
+def _decimals(text: str) -> list[float]:
+    """A DICOM multi-valued decimal string (``1\\0\\0``) as floats."""
+    return [float(value) for value in text.split("\\")]
 
 
 @contextmanager
@@ -270,6 +460,18 @@ def _replace_folder(new: Path, target: Path) -> None:
 
 
 @contextmanager
+def _itk_warnings_hidden() -> Iterator[None]:
+    """Silence ITK's warnings on stderr, e.g. GDCM's "No Series were found" for a folder that
+    holds no DICOM (which its caller reports as it sees fit)."""
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+
+
+@contextmanager
 def _process_locale_kept() -> Iterator[None]:
     """Undo GDCM's change of the process locale.
 
@@ -281,17 +483,6 @@ def _process_locale_kept() -> Iterator[None]:
         yield
     finally:
         locale.setlocale(locale.LC_ALL, saved)
-
-
-def _read_dicom_series(folder: Path) -> sitk.Image:
-    series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
-    if not series_ids:
-        raise RuntimeError("no DICOM series in this folder")
-    if len(series_ids) > 1:
-        raise RuntimeError(f"{len(series_ids)} DICOM series in this folder, expected one")
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_ids[0]))
-    return reader.Execute()
 
 
 def _nifti_as_written(path: Path, array: np.ndarray) -> np.ndarray:

@@ -61,7 +61,7 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise RuntimeError(f"device {name!r} was asked for, but CUDA is not available")
+            raise ValueError(f"device {name!r} was asked for, but CUDA is not available")
         return torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
     if name != "cpu":
         raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
