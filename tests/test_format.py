@@ -447,3 +447,52 @@ def test_problems_in_a_broken_generated_folder(synthetic_root, tmp_path, capsys)
     ]
     assert main_check([str(root)]) == 1
     assert capsys.readouterr().out.splitlines()[:-1] == [str(p) for p in problems]
+
+
+def give_instance_numbers(root: Path) -> None:
+    """Every case numbered as a viewer might: InstanceNumber 6 for slice 0 down to 1 for slice 5;
+    annotations.csv rewritten to give those numbers."""
+    numbers = list(range(SHAPE[0], 0, -1))
+    edit_json(root, lambda raw: [case.update(instance_numbers=numbers) for case in raw["cases"]])
+    rows = read_annotations(root)
+    lines = ["case,reader,instance,bone,x0,y0,x1,y1"]
+    lines += [
+        f"{r.case},{r.reader},{numbers[r.slice]},{r.bone},{r.x0},{r.y0},{r.x1},{r.y1}" for r in rows
+    ]
+    (root / "annotations.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def test_annotations_may_give_dicom_instance_numbers(root, good_root):
+    give_instance_numbers(root)
+    assert check(root) == []
+    # The same rectangles on the same slices as the slice-indexed file.
+    assert read_annotations(root) == read_annotations(good_root)
+    assert read_dataset_json(root).cases[0].instance_numbers == (6, 5, 4, 3, 2, 1)
+
+
+@pytest.mark.parametrize(
+    ("change", "where", "what"),
+    [
+        ("unknown", "annotations.csv line 6", "field 'instance': 9 is not among case s000_t0"),
+        ("unnumbered", "annotations.csv line 2", "case s000_t0 has no instance_numbers"),
+        (
+            "short",
+            "dataset.json",
+            "case s000_t0: instance_numbers lists 5 numbers, its image has 6",
+        ),
+        ("repeated", "dataset.json cases[0].instance_numbers", "list of distinct integers"),
+    ],
+)
+def test_instance_numbers_that_do_not_fit_are_named(root, change, where, what):
+    give_instance_numbers(root)
+    if change == "unknown":
+        add_annotation_line(root, "s000_t0,r1,9,femur,1,1,4,4")
+    first = {
+        "unnumbered": lambda case: case.pop("instance_numbers"),
+        "short": lambda case: case.update(instance_numbers=[6, 5, 4, 3, 2]),
+        "repeated": lambda case: case.update(instance_numbers=[6, 5, 4, 3, 2, 2]),
+    }.get(change)
+    if first is not None:
+        edit_json(root, lambda raw: first(raw["cases"][0]))
+    problems = [p for p in check(root) if p.where == where]
+    assert problems and what in problems[0].what, check(root)

@@ -13,6 +13,7 @@ from nibabel.testing import data_path
 
 from bmlseg.io import (
     Geometry,
+    dicom_instance_numbers,
     dicom_series,
     read_volume,
     remove_path,
@@ -329,3 +330,17 @@ def test_remove_path_deletes_a_file_a_folder_and_accepts_nothing(tmp_path):
     for name in ("folder", "file.txt", "absent"):
         remove_path(tmp_path / name)
     assert sorted(path.name for path in tmp_path.iterdir()) == ["kept.txt"]
+
+
+def test_dicom_instance_numbers_follow_the_slice_order(tmp_path):
+    # Slice k holds the value k, so the volume read says which file each slice came from.
+    array = np.repeat(np.arange(5, dtype=np.int16)[:, None, None], 6, axis=1).repeat(7, axis=2)
+    direction = (0.0, 0.0, -1.0, 1.0, 0.0, 0.0, 0.0, -1.0, 0.0)  # sagittal
+    folder = write_dicom_series(
+        tmp_path / "series", array, Geometry((0.5, 0.5, 3.0), (0, 0, 0), direction)
+    )
+    numbers = dicom_instance_numbers(folder)
+    volume, _ = read_volume(folder)
+    assert numbers == [int(volume[k, 0, 0]) + 1 for k in range(5)] == [1, 2, 3, 4, 5]
+    with pytest.raises(ValueError, match="no DICOM series"):
+        dicom_instance_numbers(tmp_path)

@@ -168,6 +168,24 @@ def dicom_series(folder: str | os.PathLike) -> list[SeriesInfo]:
     return sorted(found, key=lambda info: (info.number is None, info.number or 0, info.uid))
 
 
+def dicom_instance_numbers(folder: str | os.PathLike, *, series: str | None = None) -> list[int]:
+    """The InstanceNumber (0020,0013) of each slice of a DICOM series folder, in the slice order
+    of :func:`read_volume` (by position along the slice normal), e.g. for a dataset.json case's
+    ``instance_numbers``. ``series`` chooses among several series, as for read_volume.
+
+    Raises:
+        ValueError: as read_volume for the folder, or a slice without an InstanceNumber.
+    """
+    folder = Path(folder)
+    numbers = []
+    for file in _series_files(folder, series):
+        text = _dicom_header(file).get("0020|0013", "")
+        if not text.lstrip("-").isdigit():
+            raise ValueError(f"{file}: no InstanceNumber (0020,0013), got {text!r}")
+        numbers.append(int(text))
+    return numbers
+
+
 def _series_files(folder: Path, series: str | None) -> list[Path]:
     """The files of the series of ``folder`` that ``series`` chooses, checked to be a volume."""
     found = dicom_series(folder)

@@ -35,6 +35,11 @@ from bmlseg.io import Geometry, read_volume, write_text_atomic
 
 FORMAT_VERSION = 1
 ANNOTATION_COLUMNS = ("case", "reader", "slice", "bone", "x0", "y0", "x1", "y1")
+# The same rows with a DICOM InstanceNumber, as a reader's viewer shows it, in place of the slice
+# index; converted with the case's "instance_numbers" in dataset.json.
+INSTANCE_COLUMNS = tuple(
+    "instance" if column == "slice" else column for column in ANNOTATION_COLUMNS
+)
 SPLITS = ("train", "val", "test")
 VOLUME_SUFFIX = ".nii.gz"
 REQUIRED_FIELDS = ("name", "bones", "cases")
@@ -46,12 +51,15 @@ CASE_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 @dataclass(frozen=True)
 class CaseRecord:
-    """One scan: ``id`` names its files; ``readers`` lists everyone who rated it."""
+    """One scan: ``id`` names its files; ``readers`` lists everyone who rated it;
+    ``instance_numbers``, when given, the DICOM InstanceNumber of each slice in bmlseg's slice
+    order (bmlseg.io.dicom_instance_numbers), for annotations that give those."""
 
     id: str
     subject: str
     readers: tuple[str, ...]
     split: str
+    instance_numbers: tuple[int, ...] | None = None
 
 
 @dataclass
@@ -162,24 +170,33 @@ def write_dataset_json(root: str | os.PathLike, info: DatasetInfo) -> Path:
         "format_version": info.format_version,
         "name": info.name,
         "bones": {str(label): name for label, name in sorted(info.bones.items())},
-        "cases": [{**asdict(case), "readers": list(case.readers)} for case in info.cases],
+        "cases": [_case_entry(case) for case in info.cases],
         **info.extra,
     }
     return write_text_atomic(Path(root) / "dataset.json", json.dumps(payload, indent=2) + "\n")
 
 
 def read_annotations(root: str | os.PathLike) -> list[Annotation]:
-    """Parse ``<root>/annotations.csv``; a malformed row raises ValueError naming line and field."""
+    """Parse ``<root>/annotations.csv``; a malformed row raises ValueError naming line and field.
+
+    A file giving DICOM InstanceNumbers (an ``instance`` column in place of ``slice``) has them
+    converted to slice indices with each case's ``instance_numbers`` from dataset.json.
+    """
     path = Path(root) / "annotations.csv"
     if not path.exists():
         raise FileNotFoundError(f"{path}: missing (a file holding only the header line is fine)")
     header, lines = _csv_lines(path)
-    if header != ANNOTATION_COLUMNS:
+    if header not in (ANNOTATION_COLUMNS, INSTANCE_COLUMNS):
         raise ValueError(f"{path}: line 1: {_header_error(header)}")
+    cases = (
+        {record.id: record for record in read_dataset_json(root).cases}
+        if header == INSTANCE_COLUMNS
+        else None
+    )
     rows = []
     for line, values in lines:
         try:
-            rows.append(_parse_annotation(values, line))
+            rows.append(_parse_annotation(values, line, cases))
         except ValueError as error:
             raise ValueError(f"{path}: line {line}: {error}") from None
     return rows
@@ -373,9 +390,23 @@ def _parse_case(raw: Any, where: str) -> tuple[CaseRecord | None, list[Problem]]
         problems.append(Problem(f"{where}.readers", f"must be a list of names, got {readers!r}"))
     elif len(set(readers)) != len(readers):
         problems.append(Problem(f"{where}.readers", f"lists a reader twice: {readers}"))
+    numbers = raw.get("instance_numbers")
+    if numbers is not None and (
+        not isinstance(numbers, list)
+        or not all(isinstance(n, int) and not isinstance(n, bool) for n in numbers)
+        or len(set(numbers)) != len(numbers)
+    ):
+        problems.append(
+            Problem(
+                f"{where}.instance_numbers",
+                "must be a list of distinct integers, the DICOM InstanceNumber of each slice in "
+                f"slice order, got {numbers!r}",
+            )
+        )
     if problems:
         return None, problems
-    record = CaseRecord(raw["id"], raw["subject"], tuple(readers), raw["split"])
+    instance_numbers = tuple(numbers) if numbers is not None else None
+    record = CaseRecord(raw["id"], raw["subject"], tuple(readers), raw["split"], instance_numbers)
     if not record.readers:
         problems.append(
             Problem(
@@ -408,31 +439,68 @@ def _header_error(header: tuple[str, ...]) -> str:
     # Invisible characters (a zero-width space, a second byte-order mark) shown escaped, so the
     # two headers of the message never look the same.
     shown = got if got.isascii() and got.isprintable() else ascii(got)
-    return f"header must be {','.join(ANNOTATION_COLUMNS)}, got {shown}"
+    return (
+        f"header must be {','.join(ANNOTATION_COLUMNS)} (or with instance for slice: DICOM "
+        f"InstanceNumbers), got {shown}"
+    )
 
 
-def _parse_annotation(values: list[str], line: int) -> Annotation:
-    """One annotations.csv row, from line ``line``; ValueError names the field that is wrong."""
-    if len(values) != len(ANNOTATION_COLUMNS):
-        raise ValueError(
-            f"expected {len(ANNOTATION_COLUMNS)} values ({','.join(ANNOTATION_COLUMNS)}), "
-            f"got {len(values)}"
-        )
-    fields = dict(zip(ANNOTATION_COLUMNS, (value.strip() for value in values), strict=True))
+def _parse_annotation(
+    values: list[str], line: int, cases: dict[str, CaseRecord] | None = None
+) -> Annotation:
+    """One annotations.csv row, from line ``line``; ValueError names the field that is wrong.
+
+    With ``cases``, the row gives an ``instance`` (DICOM InstanceNumber) for its slice, looked up
+    in its case's ``instance_numbers``.
+    """
+    columns = ANNOTATION_COLUMNS if cases is None else INSTANCE_COLUMNS
+    if len(values) != len(columns):
+        raise ValueError(f"expected {len(columns)} values ({','.join(columns)}), got {len(values)}")
+    fields = dict(zip(columns, (value.strip() for value in values), strict=True))
     for column in ("case", "reader", "bone"):
         if not fields[column]:
             raise ValueError(f"field '{column}' is empty")
     numbers = {}
-    for column in ("slice", "x0", "y0", "x1", "y1"):
+    for column in columns[2:3] + ("x0", "y0", "x1", "y1"):
         try:
             numbers[column] = int(fields[column])
         except ValueError:
             raise ValueError(
                 f"field '{column}' must be an integer, got {fields[column]!r}"
             ) from None
+    if cases is not None:
+        numbers["slice"] = _slice_of_instance(numbers.pop("instance"), cases.get(fields["case"]))
     return Annotation(
         case=fields["case"], reader=fields["reader"], bone=fields["bone"], **numbers, line=line
     )
+
+
+def _slice_of_instance(instance: int, record: CaseRecord | None) -> int:
+    """The slice index of DICOM InstanceNumber ``instance`` in ``record``'s scan."""
+    if record is None:
+        raise ValueError("its case is not listed in dataset.json, so its instance cannot be placed")
+    if record.instance_numbers is None:
+        raise ValueError(
+            f"field 'instance': case {record.id} has no instance_numbers in dataset.json to "
+            "turn InstanceNumbers into slices (bmlseg.io.dicom_instance_numbers gives them)"
+        )
+    if instance not in record.instance_numbers:
+        shown = sorted(record.instance_numbers)
+        raise ValueError(
+            f"field 'instance': {instance} is not among case {record.id}'s instance_numbers "
+            f"({shown[0]}..{shown[-1]})"
+        )
+    return record.instance_numbers.index(instance)
+
+
+def _case_entry(case: CaseRecord) -> dict[str, Any]:
+    """A case as dataset.json holds it; ``instance_numbers`` only where given."""
+    entry = {**asdict(case), "readers": list(case.readers)}
+    if case.instance_numbers is None:
+        del entry["instance_numbers"]
+    else:
+        entry["instance_numbers"] = list(case.instance_numbers)
+    return entry
 
 
 # Validation: bmlseg-check.
@@ -491,6 +559,15 @@ def _read_case_volumes(
     if volumes.image is not None:
         problems += image_problems(volumes.image, _relative(image_path(root, record.id), root))
         grid = (volumes.image.shape, volumes.geometry)
+        numbers = record.instance_numbers
+        if numbers is not None and len(numbers) != volumes.image.shape[0]:
+            problems.append(
+                Problem(
+                    "dataset.json",
+                    f"case {record.id}: instance_numbers lists {len(numbers)} numbers, its image "
+                    f"has {volumes.image.shape[0]} slices",
+                )
+            )
     bones, bones_geometry, read_problems = _read_for_check(bones_path(root, record.id), root)
     problems += read_problems
     if bones is not None:
@@ -665,7 +742,7 @@ def _check_annotations(
         header, lines = _csv_lines(path)
     except (UnicodeDecodeError, csv.Error) as error:
         return [Problem("annotations.csv", f"not a readable CSV file ({error})")]
-    if header != ANNOTATION_COLUMNS:
+    if header not in (ANNOTATION_COLUMNS, INSTANCE_COLUMNS):
         return [Problem("annotations.csv line 1", _header_error(header))]
     cases = {record.id: record for record in info.cases}
     bone_names = set(info.bones.values())
@@ -673,7 +750,7 @@ def _check_annotations(
     for line, values in lines:
         where = f"annotations.csv line {line}"
         try:
-            row = _parse_annotation(values, line)
+            row = _parse_annotation(values, line, cases if header == INSTANCE_COLUMNS else None)
         except ValueError as error:
             problems.append(Problem(where, str(error)))
             continue
