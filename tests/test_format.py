@@ -112,8 +112,12 @@ def test_good_folder_has_no_problems_and_check_writes_nothing(good_root):
 def test_cli_prints_an_ok_summary_for_a_good_folder(good_root, capsys):
     assert main_check([str(good_root)]) == 0
     output = capsys.readouterr().out.strip().splitlines()
-    assert len(output) == 2
+    assert len(output) == 3
     assert output[0].startswith(f"OK {good_root}: 3 cases (2 train, 0 val, 1 test), 2 subjects")
+    # Identity direction: the slices are axial by the header, which training reorients.
+    assert output[2].startswith(
+        "images/: orientation LPS (3); pixels 0.5 x 0.6 mm (3); slices 3 mm apart: "
+    )
     assert "4 annotations" in output[0] and "soft labels: kimriss" in output[0]
     assert output[1] == (
         "masks/: 3 of 3 cases (val 0/0, test 1/1): no val split: bmlseg-train refuses the folder "

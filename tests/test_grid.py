@@ -19,7 +19,6 @@ from bmlseg.data.format import image_path
 from bmlseg.data.grid import (
     ModelGrid,
     from_model_grid,
-    orientation_of,
     reorient,
     slice_plane,
     to_model_grid,
@@ -134,12 +133,12 @@ def test_a_lesion_is_found_where_it_is(name):
 def test_scans_out_of_the_models_plane_are_reoriented_with_a_warning():
     geometry = scan_geometry(*SCANS["coronal, tilted"][:2], SCANS["coronal, tilted"][2], 6.0)
     image, bones = render(SCANS["coronal, tilted"][2], geometry)
-    assert orientation_of(geometry) == "LIP" and slice_plane("LIP") == "coronal"
+    assert geometry.orientation == "LIP" and slice_plane("LIP") == "coronal"
     with pytest.warns(UserWarning, match="coronal slices .* reoriented to the model's sagittal"):
         slices = VolumeSlices(image, bones, geometry, GRID, where="knee.nii.gz")
     # Sagittal slices on the model's grid: as many as the scan has columns, at ~1.25 mm in-plane.
     assert slices.shape[0] == image.shape[2]
-    assert orientation_of(slices.placed.geometry) == "PIR"
+    assert slices.placed.geometry.orientation == "PIR"
     np.testing.assert_allclose(slices.placed.geometry.spacing[:2], 1.25, rtol=0.01)
 
 
@@ -225,5 +224,5 @@ def test_an_orientation_names_each_axis_once(code):
 
 def test_the_phantom_is_written_as_sagittal_slices(synthetic_root):
     _, geometry = read_volume(image_path(synthetic_root, "s000_t0"))
-    assert orientation_of(geometry) == GRID.orientation
-    assert slice_plane(orientation_of(geometry)) == "sagittal"
+    assert geometry.orientation == GRID.orientation
+    assert slice_plane(geometry.orientation) == "sagittal"

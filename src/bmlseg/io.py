@@ -51,6 +51,12 @@ class Geometry:
     direction: tuple[float, ...]  # 9 values, row-major 3x3
 
     @property
+    def orientation(self) -> str:
+        """The orientation code closest to the direction matrix: where the x (columns), y (rows)
+        and z (slices) axes point, in ITK's convention, e.g. ``PIR`` (bmlseg.data.grid)."""
+        return sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(self.direction)
+
+    @property
     def voxel_volume_ml(self) -> float:
         """Volume of one voxel in millilitres (spacing is in mm)."""
         return float(np.prod(self.spacing)) / 1000.0
@@ -124,6 +130,26 @@ def read_volume(
     if path.name.lower().endswith((".nii", ".nii.gz")):
         array = _nifti_as_written(path, array)
     return array, Geometry.of(image)
+
+
+def read_geometry(path: str | os.PathLike) -> Geometry:
+    """The geometry of a volume file from its header alone, without reading its voxels.
+
+    Raises:
+        ValueError: SimpleITK cannot read the header.
+    """
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        with _process_locale_kept():
+            reader.ReadImageInformation()
+    except RuntimeError as error:
+        raise ValueError(f"{path}: SimpleITK cannot read its header: {_reason(error)}") from error
+    return Geometry(
+        tuple(float(v) for v in reader.GetSpacing()),
+        tuple(float(v) for v in reader.GetOrigin()),
+        tuple(float(v) for v in reader.GetDirection()),
+    )
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ import csv
 import json
 import os
 import re
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,7 +32,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from bmlseg.io import Geometry, read_volume, write_text_atomic
+from bmlseg.io import Geometry, read_geometry, read_volume, write_text_atomic
 
 FORMAT_VERSION = 1
 ANNOTATION_COLUMNS = ("case", "reader", "slice", "bone", "x0", "y0", "x1", "y1")
@@ -832,7 +833,26 @@ def _summary(root: Path) -> str:
     return (
         f"OK {root}: {len(info.cases)} cases ({splits}), {subjects} subjects, {readers} readers, "
         f"{len(read_annotations(root))} annotations, "
-        f"soft labels: {', '.join(methods) or 'none'}\n{_evaluations(root, info)}"
+        f"soft labels: {', '.join(methods) or 'none'}\n{_evaluations(root, info)}\n"
+        f"{_scan_grids(root, info)}"
+    )
+
+
+def _scan_grids(root: Path, info: DatasetInfo) -> str:
+    """The orientations and pixel sizes of the images, which training brings to the model's
+    grid (docs/dataset.md, "Orientation, pixel size and the model's grid")."""
+    geometries = [read_geometry(image_path(root, record.id)) for record in info.cases]
+    orientations = Counter(geometry.orientation for geometry in geometries)
+    pixels = Counter(f"{g.spacing[0]:.3g} x {g.spacing[1]:.3g} mm" for g in geometries)
+    thickness = sorted({round(g.spacing[2], 3) for g in geometries})
+    slices = f"{thickness[0]:g}" + (f"-{thickness[-1]:g}" if len(thickness) > 1 else "")
+    return (
+        "images/: orientation "
+        + ", ".join(f"{code} ({count})" for code, count in orientations.most_common())
+        + "; pixels "
+        + ", ".join(f"{size} ({count})" for size, count in pixels.most_common())
+        + f"; slices {slices} mm apart: bmlseg-train and bmlseg-predict "
+        "reorient them to data.orientation and resample them to data.spacing_mm"
     )
 
 

@@ -79,11 +79,6 @@ def check_orientation(code: str) -> None:
         )
 
 
-def orientation_of(geometry: Geometry) -> str:
-    """The orientation code closest to ``geometry``'s direction matrix, e.g. ``PIR``."""
-    return sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(geometry.direction)
-
-
 def slice_plane(orientation: str) -> str:
     """``sagittal``, ``coronal`` or ``axial``: the plane of the slices of ``orientation``."""
     return _SLICE_NAMES[_AXIS_OF_LETTER[orientation[2].upper()]]
@@ -94,7 +89,7 @@ def reorient(
 ) -> tuple[np.ndarray, Geometry]:
     """``volume`` ``[S, H, W]`` with its axes permuted and flipped to run along ``orientation``,
     and its geometry, which places every voxel where it was. Exact: no interpolation."""
-    if orientation_of(geometry) == orientation.upper():
+    if geometry.orientation == orientation.upper():
         return volume, geometry
     image = sitk.GetImageFromArray(np.ascontiguousarray(volume))
     geometry.apply_to(image)
@@ -182,7 +177,7 @@ def to_model_grid(
     Args:
         where: the scan's name for the warning (a case id or a file).
     """
-    source = orientation_of(geometry)
+    source = geometry.orientation
     if slice_plane(source) != slice_plane(grid.orientation):
         warnings.warn(
             f"{where}: {slice_plane(source)} slices (orientation {source}, from its direction "
