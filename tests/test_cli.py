@@ -132,6 +132,28 @@ def test_a_file_that_is_not_a_bmlseg_checkpoint_is_named_as_such(synthetic_root,
     assert not (tmp_path / "out").exists()
 
 
+def test_a_required_setting_left_out_is_named_in_one_line(tmp_path):
+    result = run(str(BIN / "bmlseg-eval"), f"hydra.run.dir={tmp_path / 'eval'}", cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        "bmlseg-eval: error: checkpoint is required: pass checkpoint=..."
+    )
+    assert "Traceback" not in result.stderr and "MissingMandatoryValue" not in result.stderr
+
+
+def test_a_model_grid_no_scan_fits_is_refused_before_anything_runs(tmp_path):
+    result = run(
+        str(BIN / "bmlseg-train"),
+        "train=smoke",
+        "data.orientation=PIX",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 1
+    assert "bmlseg-train: error: orientation 'PIX': expected three letters" in result.stderr
+    assert sorted(path.name for path in (tmp_path / "run").iterdir()) == [".hydra", "train.log"]
+
+
 def test_train_validates_its_counts_before_anything_runs(tmp_path):
     result = run(
         str(BIN / "bmlseg-train"),

@@ -6,9 +6,9 @@ bmlseg-report and bmlseg-predict (which takes files and folders, as nnU-Net's an
 TotalSegmentator's predictors do). The library is imported inside each command so that a command
 loads only what it uses (torch takes seconds to import).
 
-Bad input (a ValueError or an OSError: a broken file, a refused folder, a wrong setting) ends a
-Hydra app with ``<tool>: error: <message>`` and exit status 1, without a traceback; set
-HYDRA_FULL_ERROR=1 to see it.
+Bad input (a ValueError or an OSError: a broken file, a refused folder, a wrong setting; or a
+required setting left out) ends a Hydra app with ``<tool>: error: <message>`` and exit status 1,
+without a traceback; set HYDRA_FULL_ERROR=1 to see it.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
 from bmlseg.config import register_configs
 
@@ -46,9 +47,11 @@ def _reported(tool: str) -> Callable[[Callable[[DictConfig], Any]], Callable[[Di
         def reported(cfg: DictConfig) -> Any:
             try:
                 return task(cfg)
-            except (ValueError, OSError) as error:
+            except (ValueError, OSError, MissingMandatoryValue) as error:
                 if os.environ.get("HYDRA_FULL_ERROR") == "1":
                     raise
+                if isinstance(error, MissingMandatoryValue):
+                    _fail(tool, f"{error.full_key} is required: pass {error.full_key}=...")
                 _fail(tool, error)
 
         return reported

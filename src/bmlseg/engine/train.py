@@ -103,12 +103,13 @@ def train(cfg: DictConfig, run_dir: str | Path) -> float:
         The best validation value of ``train.best_metric`` (what a Hydra sweeper optimizes).
 
     Raises:
-        ValueError: a setting out of its range; a split the run cannot evaluate on
-            (plan_evaluations).
+        ValueError: a setting out of its range (the model's grid too); a split the run cannot
+            evaluate on (plan_evaluations).
         FileExistsError: ``run_dir`` holds an earlier run, and neither ``train.resume`` nor
             ``train.overwrite`` is set.
     """
     check_settings(cfg.train)
+    ModelGrid.of(cfg.data)  # refuses a grid no scan can be brought to, before anything is made
     refuse_earlier_run(Path(run_dir), cfg.train)
     summary_path = Path(run_dir) / "summary.json"
     if cfg.train.resume and summary_path.exists():
