@@ -319,6 +319,16 @@ def test_dilation_rings_by_distance():
     assert soft[1].max() == 0.0 and soft[3].max() == 0.0  # in-plane
 
 
+def test_dilation_rings_are_as_wide_as_asked():
+    label = np.zeros(SHAPE, dtype=bool)
+    label[2, 8, 8] = True
+    soft = dilation_rings(label, np.ones(SHAPE, dtype=bool), (0.5,), steps=2)
+    rows, columns = np.indices(SHAPE[1:])
+    distance = np.abs(rows - 8) + np.abs(columns - 8)
+    expected = np.select([distance == 0, distance <= 2], [1.0, 0.5])
+    np.testing.assert_array_equal(soft[2], expected)
+
+
 def test_dilation_rings_must_decrease():
     with pytest.raises(ValueError, match="ring_values"):
         dilation_rings(np.zeros(SHAPE, bool), np.ones(SHAPE, bool), (0.25, 0.5))
