@@ -138,13 +138,7 @@ def read_geometry(path: str | os.PathLike) -> Geometry:
     Raises:
         ValueError: SimpleITK cannot read the header.
     """
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    try:
-        with _process_locale_kept():
-            reader.ReadImageInformation()
-    except RuntimeError as error:
-        raise ValueError(f"{path}: SimpleITK cannot read its header: {_reason(error)}") from error
+    reader = _header_reader(Path(path))
     return Geometry(
         tuple(float(v) for v in reader.GetSpacing()),
         tuple(float(v) for v in reader.GetOrigin()),
@@ -316,6 +310,12 @@ def _refuse_single_dicom_slice(path: Path) -> None:
 
 def _dicom_header(path: Path) -> dict[str, str]:
     """The header tags of a DICOM file ("gggg|eeee" -> value), without reading its pixels."""
+    reader = _header_reader(path)
+    return {key: reader.GetMetaData(key).strip() for key in reader.GetMetaDataKeys()}
+
+
+def _header_reader(path: Path) -> sitk.ImageFileReader:
+    """A reader that has read ``path``'s header (and not its voxels)."""
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
@@ -323,7 +323,7 @@ def _dicom_header(path: Path) -> dict[str, str]:
             reader.ReadImageInformation()
     except RuntimeError as error:
         raise ValueError(f"{path}: SimpleITK cannot read its header: {_reason(error)}") from error
-    return {key: reader.GetMetaData(key).strip() for key in reader.GetMetaDataKeys()}
+    return reader
 
 
 def _frames(header: dict[str, str]) -> int:
