@@ -23,6 +23,7 @@ from bmlseg.config import register_configs
 from bmlseg.data.format import read_dataset_json
 from bmlseg.engine import checkpoint as checkpoints
 from bmlseg.engine.distributed import setup
+from bmlseg.engine.evaluate import evaluate_checkpoint
 from bmlseg.engine.train import NonFiniteLossError, resume, train
 from bmlseg.io import read_volume, write_volume
 from bmlseg.metrics import METRIC_KEYS, SCORE_GRID
@@ -435,6 +436,13 @@ def test_a_dataset_without_masks_trains_against_the_labels_confident_cores(
     # The test case's reference holds lesions: its metrics are defined, not all NaN.
     assert summary["n_lesions"] > 0 and math.isfinite(summary["volume_mae_ml"])
     assert (run_dir / "predictions.png").stat().st_size > 0
+    # bmlseg-eval scores the checkpoint the same way, against the same reference.
+    scores = evaluate_checkpoint(
+        run_dir / "checkpoints" / "best.pt", tmp_path / "eval", batch_size=4, max_cases=1
+    )
+    evaluated = json.loads((tmp_path / "eval" / "summary.json").read_text(encoding="utf-8"))
+    assert evaluated["reference"] == KIMRISS_CORES
+    assert scores["dice"] == pytest.approx(summary["dice"], nan_ok=True)
 
 
 def test_a_run_that_cannot_validate_stops_before_labels_or_model(

@@ -114,6 +114,12 @@ class Reference:
 TRUTH = Reference()
 
 
+def split_reference(root: str | os.PathLike, cases: Sequence[str], labels: Reference) -> Reference:
+    """What a split is scored against: TRUTH when every one of ``cases`` has masks/, else
+    ``labels`` (the confident cores of the run's label method)."""
+    return TRUTH if all(mask_path(root, case).exists() for case in cases) else labels
+
+
 @contextlib.contextmanager
 def _score_floor(model: nn.Module, score: float) -> Iterator[None]:
     """Make the model keep the detections scoring >= ``score`` (its ``box_score_thresh``)."""
@@ -423,7 +429,9 @@ def evaluate_checkpoint(
     max_cases: int | None = None,
     preview_slices: int = 4,
 ) -> dict[str, float]:
-    """bmlseg-eval: score a checkpoint on ``split`` of ``root`` (default: its training data).
+    """bmlseg-eval: score a checkpoint on ``split`` of ``root`` (default: its training data),
+    against the truth where every case has masks/, else against the confident cores of the
+    checkpoint's label method (:func:`split_reference`).
 
     ``score_threshold`` and ``mask_threshold`` None take the checkpoint's (load_for_inference).
     Writes summary.json and predictions.png into ``out_dir``; returns the metrics.
@@ -440,6 +448,8 @@ def evaluate_checkpoint(
     config = state["config"]
     root = root if root is not None else config["data"]["root"]
     cases = split_cases(read_dataset_json(root), split, max_cases)
+    labels = Reference(config["labels"]["method"], InstanceOptions(**config["data"]["instances"]))
+    reference = split_reference(root, cases, labels)
     scores, examples = evaluate_cases(
         model,
         root,
@@ -450,6 +460,7 @@ def evaluate_checkpoint(
         precision=autocast_dtype(config["train"]["amp"], target) if target.type == "cuda" else None,
         preview_slices=preview_slices,
         description=split,
+        reference=reference,
     )
     paths = write_run_outputs(
         Path(out_dir),
@@ -458,14 +469,14 @@ def evaluate_checkpoint(
         state,
         seed=config["seed"],
         split=split,
-        reference=TRUTH,
+        reference=reference,
         steps=int(state["step"]),
         wall_time_s=time.perf_counter() - started,
     )
     shown = ", ".join(f"{key} {scores[key]:.4f}" for key in METRIC_KEYS)
     print(
-        f"{checkpoint_path} on {len(cases)} {split} volumes of {root} at score threshold "
-        f"{settings.score_threshold}: {shown}"
+        f"{checkpoint_path} on {len(cases)} {split} volumes of {root} against {reference} at "
+        f"score threshold {settings.score_threshold}: {shown}"
     )
     print(f"wrote {paths['summary']}")
     return scores

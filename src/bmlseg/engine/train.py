@@ -60,6 +60,7 @@ from bmlseg.engine.evaluate import (
     evaluate_cases,
     recorded_score_threshold,
     split_cases,
+    split_reference,
     write_run_outputs,
 )
 from bmlseg.io import remove_path, write_text_atomic
@@ -195,12 +196,11 @@ def plan_evaluations(cfg: DictConfig) -> EvaluationPlan:
             f"is missing); set train.validate_against=auto or labels to validate against {labels}"
         )
     val_truth = wanted == "truth" or (wanted == "auto" and not val_without)
-    test_truth = all(mask_path(root, case).exists() for case in test_cases)
     plan = EvaluationPlan(
         val_cases=val_cases,
         val_reference=TRUTH if val_truth else labels,
         test_cases=test_cases,
-        test_reference=TRUTH if test_truth else labels,
+        test_reference=split_reference(root, test_cases, labels),
     )
     log.info(
         "validation scores against %s (train.validate_against=%s; %d of %d val cases have masks/)",
