@@ -133,6 +133,9 @@ def test_dicom_folders_keep_their_geometry_and_series_chooses(
     for name in ("sag", "two"):
         report = assert_outputs(tmp_path / "out", name, tilted, image.shape)
         assert report["series"] == "Sag PD FS"
+        # The report says how the scan was read and which grid the model saw it on.
+        assert report["scan_orientation"] == tilted.orientation
+        assert report["model_grid"]["orientation"] == "PIR"
     knee, knee_geometry = read_volume(study / "knee.nii.gz")
     assert_outputs(tmp_path / "out", "knee", knee_geometry, knee.shape)
 

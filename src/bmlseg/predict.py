@@ -29,7 +29,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -164,12 +164,13 @@ def predict_file(
     if problems:
         raise DatasetError(Path(), problems)
     settings = predictor.settings
+    grid = ModelGrid.of(predictor.state["config"]["data"])
     probability = predict_volume(
         predictor.model,
         image,
         bones,
         geometry,
-        ModelGrid.of(predictor.state["config"]["data"]),
+        grid,
         settings,
         device=predictor.device,
         where=str(input_path),
@@ -190,6 +191,10 @@ def predict_file(
         "checkpoint": str(predictor.checkpoint),
         "score_threshold": settings.score_threshold,
         "mask_threshold": settings.mask_threshold,
+        # The scan as read, and the model's grid it was brought to (bmlseg.data.grid).
+        "scan_orientation": geometry.orientation,
+        "scan_spacing_mm": list(geometry.spacing),
+        "model_grid": asdict(grid),
         "bml_volume_ml": volumes,
     }
     write_text_atomic(out / f"{name}_bml_volume.json", json.dumps(report, indent=2) + "\n")
