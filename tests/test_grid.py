@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from bmlseg.data.format import image_path
 from bmlseg.data.grid import (
     ModelGrid,
+    acquisition_plane,
     from_model_grid,
     reorient,
     slice_plane,
@@ -134,7 +135,7 @@ def test_scans_out_of_the_models_plane_are_reoriented_with_a_warning():
     geometry = scan_geometry(*SCANS["coronal, tilted"][:2], SCANS["coronal, tilted"][2], 6.0)
     image, bones = render(SCANS["coronal, tilted"][2], geometry)
     assert geometry.orientation == "LIP" and slice_plane("LIP") == "coronal"
-    with pytest.warns(UserWarning, match="coronal slices .* reoriented to the model's sagittal"):
+    with pytest.warns(UserWarning, match="acquired in coronal slices 2.50 mm thick .* reoriented"):
         slices = VolumeSlices(image, bones, geometry, GRID, where="knee.nii.gz")
     # Sagittal slices on the model's grid: as many as the scan has columns, at ~1.25 mm in-plane.
     assert slices.shape[0] == image.shape[2]
@@ -142,11 +143,34 @@ def test_scans_out_of_the_models_plane_are_reoriented_with_a_warning():
     np.testing.assert_allclose(slices.placed.geometry.spacing[:2], 1.25, rtol=0.01)
 
 
+@pytest.mark.parametrize(
+    ("orientation", "spacing", "plane"),
+    [
+        ("PIR", (0.3, 0.3, 3.0), "sagittal"),
+        ("RAS", (3.0, 0.3, 0.3), "sagittal"),  # nibabel's canonical order of a sagittal scan
+        ("LIP", (0.3, 0.3, 3.0), "coronal"),
+        ("LPS", (0.3, 0.3, 3.0), "axial"),
+        ("RAS", (1.0, 1.0, 1.2), None),  # near-isotropic: a 3D acquisition
+    ],
+)
+def test_the_acquisition_plane_is_across_the_thickest_axis(orientation, spacing, plane):
+    geometry = scan_geometry(orientation, spacing, (8, 8, 8), 0.0)
+    assert acquisition_plane(geometry) == plane
+    image, bones = render((8, 8, 8), geometry)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        to_model_grid({"image": image}, {"image": "linear"}, geometry, GRID, where="scan")
+    planes = [str(w.message) for w in caught if "acquired in" in str(w.message)]
+    assert len(planes) == (plane not in (None, "sagittal"))
+
+
 def test_reorientation_alone_is_exact_and_keeps_every_voxel_in_place():
-    # Coronal slices whose in-plane pixels become the model's 1.25 mm when turned: no resampling.
+    # Sagittal slices (3 mm left-right) stored in coronal array order: turned, their pixels are
+    # the model's 1.25 mm, so nothing is resampled, and nothing is worth a warning.
     geometry = scan_geometry("LIP", (3.0, 1.25, 1.25), (50, 48, 20), 0.0)
     image = np.random.default_rng(0).normal(size=(50, 48, 20)).astype(np.float32)
-    with pytest.warns(UserWarning):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         on_grid, placed = to_model_grid(
             {"image": image}, {"image": "linear"}, geometry, GRID, where="x"
         )

@@ -344,3 +344,11 @@ def test_dicom_instance_numbers_follow_the_slice_order(tmp_path):
     assert numbers == [int(volume[k, 0, 0]) + 1 for k in range(5)] == [1, 2, 3, 4, 5]
     with pytest.raises(ValueError, match="no DICOM series"):
         dicom_instance_numbers(tmp_path)
+
+
+def test_a_study_folder_names_the_subfolders_holding_series(tmp_path):
+    array = np.zeros((3, 4, 5), dtype=np.int16)
+    for name in ("T1", "T2"):
+        write_dicom_series(tmp_path / "study" / name, array, Geometry.identity((0.5, 0.5, 3.0)))
+    with pytest.raises(ValueError, match="no DICOM series in this folder; its subfolders T1, T2"):
+        read_volume(tmp_path / "study")

@@ -270,3 +270,14 @@ def test_score_thresholds_under_torchvisions_floor_take_effect(
     # Detections under 0.05 add to the map; none of those over it is lost.
     assert maps[0.0].sum() > maps[0.05].sum() > 0
     assert np.all(maps[0.0] >= maps[0.05] - 1e-5)
+
+
+def test_a_checkpoint_from_before_the_model_grid_is_named_as_such(tiny_checkpoint, tmp_path):
+    import torch
+
+    state = torch.load(tiny_checkpoint, weights_only=True)
+    del state["config"]["data"]["orientation"], state["config"]["data"]["spacing_mm"]
+    torch.save(state, tmp_path / "old.pt")
+    with pytest.raises(ValueError, match="before the model's grid: its config has no "
+                       "data.orientation, data.spacing_mm"):  # fmt: skip
+        checkpoints.load(tmp_path / "old.pt")

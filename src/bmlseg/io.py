@@ -210,7 +210,11 @@ def _series_files(folder: Path, series: str | None) -> list[Path]:
     """The files of the series of ``folder`` that ``series`` chooses, checked to be a volume."""
     found = dicom_series(folder)
     if not found:
-        raise ValueError(f"{folder}: no DICOM series in this folder")
+        below = sorted(
+            entry.name for entry in folder.iterdir() if entry.is_dir() and dicom_series(entry)
+        )
+        where = f"; its subfolders {', '.join(below)} hold DICOM series: pass one" if below else ""
+        raise ValueError(f"{folder}: no DICOM series in this folder{where}")
     if series is None:
         if len(found) > 1:
             raise ValueError(

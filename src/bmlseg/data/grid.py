@@ -36,6 +36,8 @@ from bmlseg.io import Geometry
 
 # A pixel size within this relative tolerance of the target is left as it is.
 SPACING_TOLERANCE = 1e-3
+# Voxels this many times longer on one side than on another are slices of a 2D acquisition.
+ANISOTROPY = 1.5
 # Anatomical axis of each letter of an orientation code (ITK: L/R = x, P/A = y, S/I = z).
 _AXIS_OF_LETTER = {"L": "left-right", "R": "left-right", "P": "front-back", "A": "front-back"}
 _AXIS_OF_LETTER |= {"S": "head-foot", "I": "head-foot"}
@@ -82,6 +84,18 @@ def check_orientation(code: str) -> None:
 def slice_plane(orientation: str) -> str:
     """``sagittal``, ``coronal`` or ``axial``: the plane of the slices of ``orientation``."""
     return _SLICE_NAMES[_AXIS_OF_LETTER[orientation[2].upper()]]
+
+
+def acquisition_plane(geometry: Geometry) -> str | None:
+    """The plane a scan was acquired in: the one across its thickest voxel axis, whichever array
+    axis holds it (a sagittal scan stored in RAS order by nibabel is still sagittal). None for
+    near-isotropic voxels (the longest side under ANISOTROPY times the shortest): a 3D
+    acquisition is as good in any plane."""
+    spacing = geometry.spacing
+    thickest = int(np.argmax(spacing))
+    if spacing[thickest] < ANISOTROPY * min(spacing):
+        return None
+    return _SLICE_NAMES[_AXIS_OF_LETTER[geometry.orientation[thickest]]]
 
 
 def reorient(
@@ -170,20 +184,21 @@ def to_model_grid(
     """Volumes ``[S, H, W]`` of one scan (one grid, ``geometry``), each reoriented and resampled
     in-plane to ``grid`` with its interpolation ``kinds[name]``.
 
-    Warns when the scan's slices are not in the model's plane: a coronal scan given to a model of
-    sagittal slices is reoriented, and its new slices have pixels as long as its old slice
-    thickness along one axis.
+    Warns when the scan was acquired in another plane than the model's slices
+    (:func:`acquisition_plane`): a coronal scan given to a model of sagittal slices is
+    reoriented, and its new slices have pixels as long as its old slice thickness along one axis.
 
     Args:
         where: the scan's name for the warning (a case id or a file).
     """
     source = geometry.orientation
-    if slice_plane(source) != slice_plane(grid.orientation):
+    acquired, model_plane = acquisition_plane(geometry), slice_plane(grid.orientation)
+    if acquired is not None and acquired != model_plane:
         warnings.warn(
-            f"{where}: {slice_plane(source)} slices (orientation {source}, from its direction "
-            f"matrix), reoriented to the model's {slice_plane(grid.orientation)} slices "
-            f"({grid.orientation}) with pixels {max(geometry.spacing):.2f} mm long along one "
-            "axis: expect poorer results than on scans like the training ones",
+            f"{where}: acquired in {acquired} slices {max(geometry.spacing):.2f} mm thick "
+            f"(orientation {source}), reoriented to the model's {model_plane} slices "
+            f"({grid.orientation}), whose pixels are then {max(geometry.spacing):.2f} mm long "
+            "along one axis: expect poorer results than on scans like the training ones",
             stacklevel=2,
         )
     turned: dict[str, np.ndarray] = {}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import random
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from bmlseg.data.grid import ModelGrid
 from bmlseg.io import atomic_path
 from bmlseg.models import IMaskRCNN, build_model
 
@@ -65,6 +67,14 @@ def load(path: str | os.PathLike, device: torch.device | str = "cpu") -> dict[st
         raise ValueError(
             f"{path}: not a bmlseg checkpoint: expected a dict with {', '.join(CHECKPOINT_KEYS)} "
             f"(checkpoints/last.pt or best.pt of a bmlseg-train run), found {_described(state)}"
+        )
+    data = state["config"].get("data", {})
+    without = [field.name for field in fields(ModelGrid) if field.name not in data]
+    if without:
+        raise ValueError(
+            f"{path}: written by a bmlseg from before the model's grid: its config has no "
+            f"{', '.join(f'data.{name}' for name in without)} (the orientation and pixel size "
+            "its model saw scans at); train it again with this version"
         )
     return state
 
