@@ -281,3 +281,32 @@ def test_a_checkpoint_from_before_the_model_grid_is_named_as_such(tiny_checkpoin
     with pytest.raises(ValueError, match="before the model's grid: its config has no "
                        "data.orientation, data.spacing_mm"):  # fmt: skip
         checkpoints.load(tmp_path / "old.pt")
+
+
+def test_a_coronal_scan_is_predicted_on_its_grid_with_one_warning_line(
+    tiny_checkpoint, tmp_path, capsys
+):
+    # Coronal slices (3 mm front to back) of 0.5 mm pixels: reoriented and resampled for the
+    # model, written back on their own grid.
+    shape = (12, 64, 56)
+    coronal = Geometry((0.5, 0.5, 3.0), (5.0, -3.0, 2.0), (1.0, 0, 0, 0, 0, 1.0, 0, -1.0, 0))
+    assert coronal.orientation == "LIP"
+    image = np.random.default_rng(0).normal(100.0, 10.0, shape).astype(np.float32)
+    bones = np.zeros(shape, dtype=np.uint8)
+    bones[:, 10:50, 8:48] = 1
+    write_volume(tmp_path / "knee.nii.gz", image, coronal)
+    write_volume(tmp_path / "knee_bones.nii.gz", bones, coronal)
+    status = predict(
+        "-i", tmp_path / "knee.nii.gz", "-b", tmp_path / "knee_bones.nii.gz", "-o", tmp_path / "out",
+        checkpoint=tiny_checkpoint,
+    )  # fmt: skip
+    assert status == 0
+    report = assert_outputs(tmp_path / "out", "knee", coronal, shape)
+    assert report["scan_orientation"] == "LIP"
+    warned = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert warned == [
+        f"bmlseg-predict: warning: {tmp_path / 'knee.nii.gz'}: acquired in coronal slices 3.00 mm "
+        "thick (orientation LIP), reoriented to the model's sagittal slices (PIR), whose pixels "
+        "are then 3.00 mm long along one axis: expect poorer results than on scans like the "
+        "training ones"
+    ]

@@ -13,10 +13,12 @@ without a traceback; set HYDRA_FULL_ERROR=1 to see it.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -34,6 +36,19 @@ VERSION_BASE = "1.3"
 register_configs()
 
 
+@contextlib.contextmanager
+def _warnings_as_lines(tool: str) -> Iterator[None]:
+    """Show warnings as ``<tool>: warning: <message>``: what a user acts on is the message, not
+    the line of bmlseg that noticed it."""
+    with warnings.catch_warnings():
+
+        def show(message: Warning | str, *args: Any, **kwargs: Any) -> None:
+            print(f"{tool}: warning: {message}", file=sys.stderr)
+
+        warnings.showwarning = show
+        yield
+
+
 def _fail(tool: str, error: Exception) -> NoReturn:
     print(f"{tool}: error: {error}", file=sys.stderr)
     raise SystemExit(1) from None
@@ -46,7 +61,8 @@ def _reported(tool: str) -> Callable[[Callable[[DictConfig], Any]], Callable[[Di
         @functools.wraps(task)
         def reported(cfg: DictConfig) -> Any:
             try:
-                return task(cfg)
+                with _warnings_as_lines(tool):
+                    return task(cfg)
             except (ValueError, OSError, MissingMandatoryValue) as error:
                 if os.environ.get("HYDRA_FULL_ERROR") == "1":
                     raise
@@ -96,7 +112,8 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
     """bmlseg-predict -i INPUT -o OUT -c CHECKPOINT --bones B: BML maps and volumes of scans."""
     from bmlseg.predict import main_predict
 
-    return main_predict(sys.argv[1:] if argv is None else argv)
+    with _warnings_as_lines("bmlseg-predict"):
+        return main_predict(sys.argv[1:] if argv is None else argv)
 
 
 def report_main() -> int:
