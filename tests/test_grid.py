@@ -6,7 +6,9 @@ orientations, tilts and pixel sizes; what the pipeline finds must stay where the
 
 from __future__ import annotations
 
+import shutil
 import warnings
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -15,7 +17,7 @@ import SimpleITK as sitk
 import torch
 from torch import Tensor, nn
 
-from bmlseg.data.format import image_path
+from bmlseg.data.format import image_path, mask_path, read_dataset_json, write_annotations
 from bmlseg.data.grid import (
     ModelGrid,
     acquisition_plane,
@@ -24,9 +26,9 @@ from bmlseg.data.grid import (
     slice_plane,
     to_model_grid,
 )
-from bmlseg.data.slices import VolumeSlices, normalize_volume
+from bmlseg.data.slices import SliceDataset, VolumeSlices, normalize_volume
 from bmlseg.engine.evaluate import InferenceSettings, infer_volume
-from bmlseg.io import Geometry, read_volume
+from bmlseg.io import Geometry, read_volume, write_volume
 
 GRID = ModelGrid("PIR", 1.25, 64)  # 80 mm crops of sagittal slices
 BALL_CENTRE = np.array([3.0, -4.0, 5.0])  # mm, LPS
@@ -250,3 +252,37 @@ def test_the_phantom_is_written_as_sagittal_slices(synthetic_root):
     _, geometry = read_volume(image_path(synthetic_root, "s000_t0"))
     assert geometry.orientation == GRID.orientation
     assert slice_plane(geometry.orientation) == "sagittal"
+
+
+def test_a_dataset_in_another_axis_order_gives_the_same_training_samples(synthetic_root, tmp_path):
+    # The phantom written again in nibabel's RAS array order (exact: no voxel changes value; its
+    # rectangles left out, they are drawn on the old slices), its masks as labels: on the model's
+    # grid it is the same data, sample for sample.
+    turned_root = Path(shutil.copytree(synthetic_root, tmp_path / "ras"))
+    write_annotations(turned_root, [])
+    for path in turned_root.glob("[ibm]*/*.nii.gz"):
+        array, geometry = read_volume(path)
+        image = sitk.GetImageFromArray(array)
+        geometry.apply_to(image)
+        turned = sitk.DICOMOrient(image, "RAS")
+        write_volume(path, sitk.GetArrayFromImage(turned), Geometry.of(turned))
+    assert read_volume(image_path(turned_root, "s000_t0"))[1].orientation == "RAS"
+
+    def dataset(root: Path) -> SliceDataset:
+        info = read_dataset_json(root)
+        labels = {
+            record.id: 0.8 * read_volume(mask_path(root, record.id))[0].astype(np.float32)
+            for record in info.split("train")
+        }
+        grid = ModelGrid("PIR", 1.25, 128)
+        return SliceDataset(root, "train", label_volumes=labels, grid=grid)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # still sagittal slices: nothing to warn about
+        original, turned = dataset(synthetic_root), dataset(turned_root)
+    assert original.samples == turned.samples and len(original) > 0
+    for index in range(len(original)):
+        (image, target), (turned_image, turned_target) = original[index], turned[index]
+        assert torch.equal(image, turned_image)
+        for key in ("boxes", "labels", "masks", "truth_masks", "crop_box"):
+            assert torch.equal(target[key], turned_target[key]), key
