@@ -115,6 +115,11 @@ def test_each_preset_of_a_sweep_writes_every_run_output(sweep: Path):
         assert summary["loss"]["name"] == name
         assert summary["label_method"] == LABELS_OF_KIND[summary["loss"]["label_kind"]]
         assert summary["steps"] == 2 and summary["run_dir"] == str(run_dir.resolve())
+        assert (summary["orientation"], summary["spacing_mm"], summary["crop_size"]) == (
+            "PIR",
+            1.25,
+            64,
+        )
         assert (run_dir / "predictions.png").stat().st_size > 0
 
 

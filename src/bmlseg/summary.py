@@ -7,7 +7,8 @@ One file per evaluated run (nnU-Net keeps one per evaluation too)::
      "split", "reference": what the metrics are scored against ("truth": masks/; or e.g.
      "labels:kimriss>=0.5,area>=8mm2": a label method's confident cores),
      "loss": the whole loss config, "label_method", "seed", "run_dir",
-     "model": the model config, "data_root", "crop_size", "steps", "checkpoint_step",
+     "model": the model config, "data_root", "crop_size", "spacing_mm", "orientation" (the
+     model's grid), "steps", "checkpoint_step",
      "best": the best validation of the checkpoint, "wall_time_s"}
 
 Python's json writes and reads NaN, which undefined metrics (a precision without any
@@ -57,6 +58,8 @@ def run_summary(
         "model": config["model"],
         "data_root": config["data"]["root"],
         "crop_size": config["data"]["crop_size"],
+        "spacing_mm": config["data"]["spacing_mm"],
+        "orientation": config["data"]["orientation"],
         "steps": steps,
         "checkpoint_step": int(checkpoint["step"]),
         "best": checkpoint["best"],
