@@ -462,7 +462,7 @@ def _parse_annotation(
         if not fields[column]:
             raise ValueError(f"field '{column}' is empty")
     numbers = {}
-    for column in columns[2:3] + ("x0", "y0", "x1", "y1"):
+    for column in (columns[2], "x0", "y0", "x1", "y1"):  # slice or instance, then the box
         try:
             numbers[column] = int(fields[column])
         except ValueError:
@@ -470,16 +470,19 @@ def _parse_annotation(
                 f"field '{column}' must be an integer, got {fields[column]!r}"
             ) from None
     if cases is not None:
-        numbers["slice"] = _slice_of_instance(numbers.pop("instance"), cases.get(fields["case"]))
+        instance = numbers.pop("instance")
+        numbers["slice"] = _slice_of_instance(instance, fields["case"], cases.get(fields["case"]))
     return Annotation(
         case=fields["case"], reader=fields["reader"], bone=fields["bone"], **numbers, line=line
     )
 
 
-def _slice_of_instance(instance: int, record: CaseRecord | None) -> int:
-    """The slice index of DICOM InstanceNumber ``instance`` in ``record``'s scan."""
+def _slice_of_instance(instance: int, case_id: str, record: CaseRecord | None) -> int:
+    """The slice index of DICOM InstanceNumber ``instance`` in the scan of case ``case_id``."""
     if record is None:
-        raise ValueError("its case is not listed in dataset.json, so its instance cannot be placed")
+        raise ValueError(
+            f"case {case_id!r} is not listed in dataset.json, so its instance cannot be placed"
+        )
     if record.instance_numbers is None:
         raise ValueError(
             f"field 'instance': case {record.id} has no instance_numbers in dataset.json to "
