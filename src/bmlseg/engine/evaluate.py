@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,6 +83,12 @@ class Reference:
 
     label_method: str | None = None
     instances: InstanceOptions = field(default_factory=InstanceOptions)
+
+    @classmethod
+    def labels_of(cls, config: Mapping[str, Any]) -> Reference:
+        """The labels' reference of a run's config (composed, or as a checkpoint stores it):
+        ``labels.method``'s confident cores, cut as ``data.instances`` cuts its instances."""
+        return cls(config["labels"]["method"], InstanceOptions(**config["data"]["instances"]))
 
     def __str__(self) -> str:
         """``truth``, or e.g. ``labels:kimriss>=0.5,area>=8mm2``: what summary.json records."""
@@ -448,8 +454,7 @@ def evaluate_checkpoint(
     config = state["config"]
     root = root if root is not None else config["data"]["root"]
     cases = split_cases(read_dataset_json(root), split, max_cases)
-    labels = Reference(config["labels"]["method"], InstanceOptions(**config["data"]["instances"]))
-    reference = split_reference(root, cases, labels)
+    reference = split_reference(root, cases, Reference.labels_of(config))
     scores, examples = evaluate_cases(
         model,
         root,

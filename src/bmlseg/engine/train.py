@@ -186,7 +186,7 @@ def plan_evaluations(cfg: DictConfig) -> EvaluationPlan:
         )
     val_cases = split_cases(info, "val", cfg.train.val_max_cases)
     test_cases = split_cases(info, "test", cfg.train.test_max_cases)
-    labels = Reference(cfg.labels.method, InstanceOptions(**cfg.data.instances))
+    labels = Reference.labels_of(cfg)
     val_without = [case for case in val_cases if not mask_path(root, case).exists()]
     wanted = cfg.train.validate_against.value
     if wanted == "truth" and val_without:
